@@ -1,0 +1,46 @@
+# Every target installs first: on a fresh machine `make demo` and `make test` are all it takes.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+DATADIR ?= $(HOME)/cityscapes
+SIZE ?= 1024x512
+OUT ?= data_cache/cityscapes-$(SIZE)
+DATA ?= $(OUT)
+GPUS ?= 1
+EPOCHS ?= 100
+RUN ?= runs/cityscapes-$(SIZE)
+
+.PHONY: install test demo preprocess train bench lint clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+test: install
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check .
+
+demo: install
+	$(BIN)/python -m train.demo --out runs/demo
+
+preprocess: install
+	$(BIN)/cityprep preprocess --datadir $(DATADIR) --out $(OUT) --size $(SIZE)
+
+train: install
+	$(BIN)/torchrun --standalone --nproc_per_node=$(GPUS) -m train.cli fit --data $(DATA) --out $(RUN) --epochs $(EPOCHS)
+
+bench: install
+	$(BIN)/cityprep bench --out runs/bench
+	$(BIN)/cityprep bench-loader runs/bench/shards
+	$(BIN)/citytrain bench
+
+clean:
+	rm -rf runs/demo runs/bench

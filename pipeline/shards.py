@@ -1,0 +1,350 @@
+"""The shard schema (format_version 1): the one module that knows how shards and the manifest look.
+
+    data_cache/<name>/manifest.json
+    data_cache/<name>/{split}-{k:05d}.h5
+        image  uint8 (N, H, W, 3), chunks (1, H, W, 3)   RGB, resized
+        label  uint8 (N, H, W),    chunks (1, H, W)      class ids, 255 = ignore
+        name   utf-8 str (N,)                            {city}_{seq:06d}_{frame:06d}
+        attrs  format_version, split, classes, palette, ignore_index, mapping, source_size
+
+Every file is written under a temporary name in the same folder and renamed when complete,
+so a reader never sees half a shard and a killed job leaves only temporaries to sweep.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from pipeline.labels import IGNORE_INDEX, Mapping
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+COMPRESSIONS = ("none", "lzf", "gzip")
+TMP_MARK = ".tmp-"
+
+
+class ShardError(RuntimeError):
+    """A shard or manifest that is missing, corrupt or of another schema; the message names it."""
+
+
+def shard_filename(split: str, k: int) -> str:
+    return f"{split}-{k:05d}.h5"
+
+
+def tmp_path_for(path: Path) -> Path:
+    """A sibling temporary name, unique per process, that `sweep_temporaries` recognizes."""
+    return path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}")
+
+
+def sweep_temporaries(folder: Path) -> list[Path]:
+    """Delete leftovers of killed writers; returns what was removed."""
+    removed = []
+    for p in Path(folder).glob(f".*{TMP_MARK}*"):
+        p.unlink(missing_ok=True)
+        removed.append(p)
+    return removed
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path = Path(path)
+    tmp = tmp_path_for(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _compression_kwargs(compression: str) -> dict:
+    if compression not in COMPRESSIONS:
+        raise ValueError(f"compression must be one of {COMPRESSIONS}, not {compression!r}")
+    if compression == "none":
+        return {}
+    if compression == "gzip":
+        return {"compression": "gzip", "compression_opts": 4}
+    return {"compression": "lzf"}
+
+
+class ShardWriter:
+    """Writes one shard sample by sample into a temporary file; `commit()` renames it in place.
+
+    Used as a context manager: leaving the block by an exception deletes the temporary.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        num_samples: int,
+        size: tuple[int, int],
+        split: str,
+        mapping: Mapping,
+        source_size: tuple[int, int],
+        compression: str = "lzf",
+    ) -> None:
+        self.path = Path(path)
+        self.tmp = tmp_path_for(self.path)
+        self.num_samples = num_samples
+        w, h = size
+        self._file = h5py.File(self.tmp, "w")
+        comp = _compression_kwargs(compression)
+        self._image = self._file.create_dataset(
+            "image", (num_samples, h, w, 3), np.uint8, chunks=(1, h, w, 3), **comp
+        )
+        self._label = self._file.create_dataset(
+            "label", (num_samples, h, w), np.uint8, chunks=(1, h, w), **comp
+        )
+        self._name = self._file.create_dataset(
+            "name", (num_samples,), h5py.string_dtype("utf-8")
+        )
+        attrs = self._file.attrs
+        attrs["format_version"] = FORMAT_VERSION
+        attrs["split"] = split
+        attrs["classes"] = mapping.classes
+        attrs["palette"] = mapping.palette
+        attrs["ignore_index"] = IGNORE_INDEX
+        attrs["mapping"] = json.dumps(mapping.to_json())
+        attrs["source_size"] = np.asarray(source_size, dtype=np.int64)
+        self._written = 0
+
+    def add(self, image: np.ndarray, label: np.ndarray, name: str) -> None:
+        i = self._written
+        self._image[i] = image
+        self._label[i] = label
+        self._name[i] = name
+        self._written += 1
+
+    def commit(self) -> str:
+        """Close, rename into place, return the file's sha256."""
+        if self._written != self.num_samples:
+            raise ShardError(
+                f"{self.path}: {self._written} samples written, {self.num_samples} expected"
+            )
+        self._file.close()
+        with open(self.tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        digest = sha256_file(self.tmp)
+        os.replace(self.tmp, self.path)
+        _fsync_dir(self.path.parent)
+        return digest
+
+    def abort(self) -> None:
+        try:
+            self._file.close()
+        finally:
+            self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None or self.tmp.exists():
+            self.abort()
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    path: Path
+    split: str
+    num_samples: int
+    size: tuple[int, int]  # (W, H)
+    classes: list[str]
+    palette: np.ndarray
+    ignore_index: int
+    mapping: dict
+    source_size: tuple[int, int]
+
+
+@contextmanager
+def open_shard(path: Path) -> Iterator[h5py.File]:
+    """Open a shard read-only after checking its schema; errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ShardError(f"{path}: shard missing")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:
+        raise ShardError(
+            f"{path}: not a readable HDF5 file ({e}); rerun cityprep preprocess"
+        ) from None
+    try:
+        version = f.attrs.get("format_version")
+        if version != FORMAT_VERSION:
+            raise ShardError(
+                f"{path}: shard format_version {version}, this code reads {FORMAT_VERSION}; "
+                "preprocess the data again"
+            )
+        for key in ("image", "label", "name"):
+            if key not in f:
+                raise ShardError(f"{path}: dataset {key!r} missing")
+        n = f["image"].shape[0]
+        if f["label"].shape != f["image"].shape[:3] or f["name"].shape != (n,):
+            raise ShardError(
+                f"{path}: image {f['image'].shape}, label {f['label'].shape} and "
+                f"name {f['name'].shape} disagree"
+            )
+        yield f
+    finally:
+        f.close()
+
+
+def shard_info(path: Path) -> ShardInfo:
+    with open_shard(path) as f:
+        n, h, w, _ = f["image"].shape
+        a = f.attrs
+        return ShardInfo(
+            path=Path(path),
+            split=str(a["split"]),
+            num_samples=int(n),
+            size=(int(w), int(h)),
+            classes=[str(c) for c in a["classes"]],
+            palette=np.asarray(a["palette"], dtype=np.uint8),
+            ignore_index=int(a["ignore_index"]),
+            mapping=json.loads(a["mapping"]),
+            source_size=tuple(int(v) for v in a["source_size"]),  # type: ignore[arg-type]
+        )
+
+
+def read_names(f: h5py.File) -> list[str]:
+    return [n.decode() if isinstance(n, bytes) else str(n) for n in f["name"][()]]
+
+
+# -- manifest ----------------------------------------------------------------------------------
+#
+# {
+#   "format_version": 1,
+#   "config": {"size": [W, H], "mapping": name, "mapping_def": {...}, "compression": ...,
+#              "shard_size": n, "mode": "fine", "source_root": path},
+#   "classes": [...], "palette": [[r, g, b], ...], "categories": [...], "ignore_index": 255,
+#   "splits": {split: {"samples": n, "shards": [{"file", "samples", "sha256", "stats"}]}},
+#   "mean": [r, g, b], "std": [r, g, b],       # training images, 0-1 units
+#   "class_pixels": [count per class]          # training labels
+# }
+# Each shard entry's "stats" holds {"sum": [3], "sumsq": [3], "pixels": n, "class_pixels": [K]}
+# so parts written on different machines merge without reading a shard again.
+
+
+def manifest_path(data_dir: Path) -> Path:
+    return Path(data_dir) / MANIFEST_NAME
+
+
+def load_manifest(data_dir: Path) -> dict:
+    """Read and check `manifest.json`; errors say what to run."""
+    path = manifest_path(data_dir)
+    if not Path(data_dir).is_dir():
+        raise ShardError(
+            f"{data_dir}: no such data folder; run `cityprep preprocess --out {data_dir}`"
+        )
+    if not path.is_file():
+        raise ShardError(f"{path}: missing; run `cityprep preprocess --out {data_dir}` first")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ShardError(f"{path}: unreadable ({e}); run `cityprep preprocess` again") from None
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ShardError(
+            f"{path}: format_version {version}, this code reads {FORMAT_VERSION}; "
+            "preprocess the data again into a new folder"
+        )
+    return manifest
+
+
+def write_manifest(data_dir: Path, manifest: dict) -> None:
+    atomic_write_bytes(manifest_path(data_dir), (json.dumps(manifest, indent=1) + "\n").encode())
+
+
+def split_shards(data_dir: Path, manifest: dict, split: str) -> list[tuple[Path, int]]:
+    """(path, samples) of each shard of `split`, in manifest order (which defines `index`)."""
+    splits = manifest.get("splits", {})
+    if split not in splits:
+        raise ShardError(
+            f"{manifest_path(data_dir)}: no split {split!r} (has: {', '.join(splits) or 'none'})"
+        )
+    return [(Path(data_dir) / s["file"], int(s["samples"])) for s in splits[split]["shards"]]
+
+
+def sample_stats(image: np.ndarray, label: np.ndarray, num_classes: int) -> dict:
+    """Sums that merge by addition: per-channel sum and sum of squares (0-1 units), class counts."""
+    x = image.reshape(-1, 3).astype(np.float64) / 255.0
+    counts = np.bincount(label.ravel(), minlength=256)[:num_classes]
+    return {
+        "sum": x.sum(0).tolist(),
+        "sumsq": np.square(x).sum(0).tolist(),
+        "pixels": int(x.shape[0]),
+        "class_pixels": counts.astype(np.int64).tolist(),
+    }
+
+
+def add_stats(a: dict | None, b: dict) -> dict:
+    if a is None:
+        return {k: (list(v) if isinstance(v, list) else v) for k, v in b.items()}
+    return {
+        "sum": [x + y for x, y in zip(a["sum"], b["sum"])],
+        "sumsq": [x + y for x, y in zip(a["sumsq"], b["sumsq"])],
+        "pixels": a["pixels"] + b["pixels"],
+        "class_pixels": [x + y for x, y in zip(a["class_pixels"], b["class_pixels"])],
+    }
+
+
+def make_manifest(config: dict, mapping: Mapping, splits: dict[str, list[dict]]) -> dict:
+    """Assemble the manifest from shard entries ({"file", "samples", "sha256", "stats"}).
+
+    mean/std/class_pixels come from the `train` split when there is one, else from all splits.
+    """
+    source = splits.get("train") or [s for entries in splits.values() for s in entries]
+    total = None
+    for entry in source:
+        total = add_stats(total, entry["stats"])
+    if total is None or total["pixels"] == 0:
+        mean, std, class_pixels = [0.5] * 3, [0.25] * 3, [0] * mapping.num_classes
+    else:
+        n = total["pixels"]
+        mean = [s / n for s in total["sum"]]
+        std = [max(q / n - m * m, 1e-12) ** 0.5 for q, m in zip(total["sumsq"], mean)]
+        class_pixels = total["class_pixels"]
+    return {
+        "format_version": FORMAT_VERSION,
+        "config": config,
+        "classes": mapping.classes,
+        "palette": mapping.palette.tolist(),
+        "categories": mapping.categories,
+        "ignore_index": IGNORE_INDEX,
+        "splits": {
+            split: {"samples": sum(int(e["samples"]) for e in entries), "shards": entries}
+            for split, entries in splits.items()
+        },
+        "mean": mean,
+        "std": std,
+        "class_pixels": class_pixels,
+    }
