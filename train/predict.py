@@ -1,0 +1,128 @@
+"""`citytrain predict`: colorized masks and overlays for any images, of any size.
+
+Each image is resized to the training shards' size (the scale the model learned), predicted,
+and the prediction resized back to the image's own size with nearest neighbour, so a mask
+always lies exactly on its image. Outputs: `<stem>_mask.png` and `<stem>_overlay.png`;
+for a folder given as input its subfolders are kept under `out`, so equal stems in
+different folders do not overwrite each other.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pipeline.labels import colorize
+from train.losses import predict_classes
+from train.visualize import overlay, write_png
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+class InputError(RuntimeError):
+    """An input image or label file that is missing or unreadable; the message names it."""
+
+
+def load_rgb(path: Path) -> np.ndarray:
+    """uint8 (H, W, 3) from any image file PIL reads; InputError naming the file otherwise."""
+    try:
+        with Image.open(path) as img:
+            return np.array(img.convert("RGB"))
+    except (OSError, ValueError) as e:
+        raise InputError(f"{path}: cannot read image ({e})") from None
+
+
+def to_input(
+    image: np.ndarray, mean: Sequence[float], std: Sequence[float], device
+) -> torch.Tensor:
+    """uint8 (N, H, W, 3) or (H, W, 3) -> the loader's normalized float (N, 3, H, W)."""
+    x = torch.as_tensor(np.asarray(image)).to(device)
+    if x.ndim == 3:
+        x = x[None]
+    x = x.permute(0, 3, 1, 2).float() / 255.0
+    m = torch.as_tensor(mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
+    s = torch.as_tensor(std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
+    return ((x - m) / s).contiguous()
+
+
+def find_images(inputs: list[Path], out: Path) -> list[tuple[Path, Path]]:
+    """(image, output stem path without suffix) for files and, recursively, folders."""
+    out_dir = Path(out).resolve()
+    found: list[tuple[Path, Path]] = []
+    for inp in map(Path, inputs):
+        if inp.is_dir():
+            files = sorted(
+                p for p in inp.rglob("*")
+                if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                # a rerun into a folder inside the input must not predict its own masks
+                and not p.resolve().is_relative_to(out_dir)
+            )
+            if not files:
+                raise InputError(f"{inp}: no {'/'.join(IMAGE_SUFFIXES)} images in this folder")
+            found += [(p, p.relative_to(inp).parent / p.stem) for p in files]
+        elif inp.is_file():
+            found.append((inp, Path(inp.stem)))
+        else:
+            raise InputError(f"{inp}: no such file or folder")
+    seen: dict[Path, Path] = {}
+    for image, stem in found:
+        if stem in seen:
+            raise InputError(f"{image} and {seen[stem]} would both write {out / stem}_mask.png; "
+                             "predict them into different --out folders")
+        seen[stem] = image
+    return found
+
+
+@torch.inference_mode()
+def predict_image(
+    model: torch.nn.Module, image: np.ndarray, *, mean, std, palette, losstype: str,
+    device, size: tuple[int, int] | None = None,
+) -> np.ndarray:
+    """Class ids (H, W) uint8 for one uint8 (H, W, 3) image, at the image's own size."""
+    h, w = image.shape[:2]
+    small = image
+    if size is not None and tuple(size) != (w, h):
+        small = np.array(Image.fromarray(image).resize(tuple(size), Image.BILINEAR))
+    outputs = model(to_input(small, mean, std, device))
+    pred = predict_classes(outputs, losstype, palette)[0].to(torch.uint8).cpu().numpy()
+    if pred.shape != (h, w):
+        pred = np.asarray(Image.fromarray(pred).resize((w, h), Image.NEAREST))
+    return pred
+
+
+def predict_paths(
+    model: torch.nn.Module,
+    inputs: list[Path],
+    out: Path,
+    *,
+    mean: Sequence[float],
+    std: Sequence[float],
+    palette,
+    losstype: str = "segment",
+    device: str | torch.device = "cpu",
+    size: tuple[int, int] | None = None,
+) -> list[Path]:
+    """Predict every image in `inputs` (files or folders); returns the PNGs written.
+
+    `size` is (W, H) of the training shards; None predicts at each image's own size.
+    """
+    out = Path(out)
+    images = find_images(inputs, out)
+    written: list[Path] = []
+    was_training = model.training
+    model.eval()
+    try:
+        for path, stem in images:
+            image = load_rgb(path)
+            pred = predict_image(model, image, mean=mean, std=std, palette=palette,
+                                 losstype=losstype, device=device, size=size)
+            mask = colorize(pred, palette)
+            written.append(write_png(out / f"{stem}_mask.png", mask))
+            written.append(write_png(out / f"{stem}_overlay.png", overlay(image, mask)))
+    finally:
+        model.train(was_training)
+    return written
