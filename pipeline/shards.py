@@ -296,12 +296,15 @@ def split_shards(data_dir: Path, manifest: dict, split: str) -> list[tuple[Path,
 
 def sample_stats(image: np.ndarray, label: np.ndarray, num_classes: int) -> dict:
     """Sums that merge by addition: per-channel sum and sum of squares (0-1 units), class counts."""
-    x = image.reshape(-1, 3).astype(np.float64) / 255.0
+    # Histograms instead of float copies of the image: ~10x faster, and this runs per sample.
+    flat = image.reshape(-1, 3)
+    hist = np.stack([np.bincount(flat[:, c], minlength=256) for c in range(3)]).astype(np.float64)
+    values = np.arange(256) / 255.0
     counts = np.bincount(label.ravel(), minlength=256)[:num_classes]
     return {
-        "sum": x.sum(0).tolist(),
-        "sumsq": np.square(x).sum(0).tolist(),
-        "pixels": int(x.shape[0]),
+        "sum": (hist @ values).tolist(),
+        "sumsq": (hist @ np.square(values)).tolist(),
+        "pixels": int(flat.shape[0]),
         "class_pixels": counts.astype(np.int64).tolist(),
     }
 
