@@ -206,3 +206,31 @@ def bench(out: Path, frames: int, workers: tuple[int, ...], shard_size: int,
 
     run_bench(out, frames=frames, workers=workers, shard_size=shard_size,
               compression=compression, repeat=repeat)
+
+
+@main.command("bench-loader")
+@click.argument("data_dir", metavar="DIR", type=click.Path(path_type=Path))
+@click.option("--batch-size", default=4, show_default=True, type=click.IntRange(min=1))
+@click.option("--workers", type=click.IntRange(min=0), default=None,
+              help="Worker processes of both loaders [default: all CPU cores].")
+@click.option("--crop", default="512x1024", show_default=True, help="Training crop HxW.")
+@click.option("--batches", default=30, show_default=True, type=click.IntRange(min=1),
+              help="Timed batches per loader, after 3 untimed ones.")
+@click.option("--backend", type=click.Choice(["auto", "dali", "torch"]), default="auto",
+              show_default=True, help="The shard loader's backend.")
+@click.option("--no-baseline", is_flag=True, help="Time only the shard loader.")
+def bench_loader(data_dir: Path, batch_size: int, workers: int | None, crop: str, batches: int,
+                 backend: str, no_baseline: bool) -> None:
+    """Samples/s and MB/s of the training loader on DIR's shards against the original
+    project's loader on the source PNGs (the manifest's source_root)."""
+    from pipeline import loader_bench
+
+    try:
+        h, w = (int(v) for v in crop.lower().split("x"))
+    except ValueError:
+        raise click.BadParameter(f"{crop!r} is not HEIGHTxWIDTH, e.g. 512x1024",
+                                 param_hint="--crop") from None
+    rows = loader_bench.bench_loader(data_dir, batch_size=batch_size, workers=workers,
+                                     crop=(h, w), batches=batches, baseline=not no_baseline,
+                                     backend=backend)
+    click.echo(loader_bench.format_rows(rows))
