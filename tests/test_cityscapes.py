@@ -1,12 +1,25 @@
-"""Finding (image, label) pairs in the official layout, with decoys that must not count."""
+"""Finding (image, label) pairs in the official layout, with decoys that must not count;
+decoding them with libspng to what Pillow gives, with errors that name the file."""
 
 from __future__ import annotations
 
+import struct
+import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
-from pipeline.cityscapes import DatasetError, Pair, find_pairs, label_path_for
+from pipeline.cityscapes import (
+    PNG_SIGNATURE,
+    DatasetError,
+    Pair,
+    find_pairs,
+    label_path_for,
+    read_image,
+    read_label_ids,
+)
 
 
 def touch(path: Path) -> Path:
@@ -117,3 +130,103 @@ def test_missing_empty_and_wrong_roots(tmp_path, tree):
         find_pairs(tree, "test")
     with pytest.raises(DatasetError, match="mode must be one of fine, coarse"):
         find_pairs(tree, "train", mode="medium")
+
+
+# -- decoding: libspng with Pillow's results and errors -----------------------------------------
+
+
+def png_bytes(width: int, height: int, depth: int, colour: int, rows: list[bytes]) -> bytes:
+    """A PNG written by hand, for the kinds Pillow cannot write (16-bit RGB, 4-bit grey)."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        crc = struct.pack(">I", zlib.crc32(kind + body))
+        return struct.pack(">I", len(body)) + kind + body + crc
+    header = struct.pack(">IIBBBBB", width, height, depth, colour, 0, 0, 0)
+    pixels = zlib.compress(b"".join(b"\0" + row for row in rows))
+    return PNG_SIGNATURE + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
+
+
+@pytest.fixture
+def rgb() -> np.ndarray:
+    return np.random.default_rng(0).integers(0, 256, (6, 10, 3), dtype=np.uint8)
+
+
+def test_images_of_every_accepted_mode_decode_as_pillow_converts_them(tmp_path, rgb):
+    rgb16 = np.random.default_rng(1).integers(0, 65536, (6, 10, 3)).astype(">u2")
+    kinds = {
+        "rgb": Image.fromarray(rgb),
+        "rgba": Image.fromarray(np.dstack([rgb, rgb[..., :1]])),
+        "grey": Image.fromarray(rgb[..., 0]),
+        "palette": Image.fromarray(rgb).quantize(7),
+    }
+    for kind, im in kinds.items():
+        im.save(tmp_path / f"{kind}.png", transparency=3 if kind == "palette" else None)
+    (tmp_path / "rgb16.png").write_bytes(png_bytes(10, 6, 16, 2, [r.tobytes() for r in rgb16]))
+    for path in sorted(tmp_path.glob("*.png")):
+        got = read_image(path)
+        with Image.open(path) as im:
+            assert got.dtype == np.uint8 and got.shape == (6, 10, 3), path.name
+            assert np.array_equal(got, np.asarray(im.convert("RGB"))), path.name
+    assert np.array_equal(read_image(tmp_path / "rgb.png"), rgb)
+    assert np.array_equal(read_image(tmp_path / "rgb16.png"), (rgb16 >> 8).astype(np.uint8))
+
+
+@pytest.mark.parametrize("array, mode", [
+    (np.zeros((6, 10, 2), np.uint8), "LA"),
+    (np.zeros((6, 10), np.uint16), "I;16"),
+    (np.zeros((6, 10), bool), "1"),
+])
+def test_image_modes_that_are_not_photos_are_refused(tmp_path, array, mode):
+    path = tmp_path / "x_leftImg8bit.png"
+    Image.fromarray(array).save(path)
+    with pytest.raises(DatasetError, match=rf"^{path}: PNG of mode {mode}; "
+                                           "expected RGB or RGBA or L or P$"):
+        read_image(path)
+
+
+def test_label_ids_are_the_stored_values_in_every_accepted_mode(tmp_path):
+    ids = np.random.default_rng(0).choice(np.array([0, 7, 8, 11, 26, 33], np.uint8), (6, 10))
+    Image.fromarray(ids).save(tmp_path / "grey.png")
+    palette = Image.fromarray(ids, "P")  # indices = ids, whatever colours the palette holds
+    palette.putpalette(np.random.default_rng(1).integers(0, 256, 768, dtype=np.uint8).tobytes())
+    palette.save(tmp_path / "palette.png")
+    small = ids % 16  # a 4-bit grey PNG: libspng and Pillow scale it to 0-255, the ids do not
+    (tmp_path / "grey4.png").write_bytes(png_bytes(10, 6, 4, 0, [
+        bytes((r[0::2] << 4) | r[1::2]) for r in small]))
+    for name, want in (("grey", ids), ("palette", ids), ("grey4", small)):
+        got = read_label_ids(tmp_path / f"{name}.png")
+        assert got.dtype == np.uint8 and np.array_equal(got, want), name
+
+
+@pytest.mark.parametrize("array, mode", [
+    (np.zeros((6, 10, 3), np.uint8), "RGB"),  # a _color.png where the labelIds belong
+    (np.zeros((6, 10, 4), np.uint8), "RGBA"),
+    (np.zeros((6, 10), np.uint16), "I;16"),  # an _instanceIds.png
+])
+def test_label_modes_that_are_not_label_ids_are_refused(tmp_path, array, mode):
+    path = tmp_path / "x_gtFine_labelIds.png"
+    Image.fromarray(array).save(path)
+    with pytest.raises(DatasetError, match=rf"^{path}: PNG of mode {mode}; expected L or P$"):
+        read_label_ids(path)
+
+
+def test_a_flipped_bit_in_the_pixel_data_is_an_error_not_wrong_pixels(tmp_path):
+    path = tmp_path / "x_leftImg8bit.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (30, 40, 3), np.uint8)).save(path)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x10  # pyspng alone ignores CRCs: it decodes 2 pixels wrong here
+    path.write_bytes(bytes(data))
+    with pytest.raises(DatasetError, match=rf"^{path}: corrupt or truncated PNG \(CRC mismatch "
+                                           r"in the IDAT chunk at byte \d+\)$"):
+        read_image(path)
+
+
+def test_what_follows_the_pixel_data_is_not_checked_as_with_pillow(tmp_path, rgb):
+    path = tmp_path / "x_leftImg8bit.png"
+    Image.fromarray(rgb).save(path)
+    path.write_bytes(path.read_bytes()[:-5])  # cut inside IEND: Pillow reads it, and so do we
+    assert np.array_equal(read_image(path), rgb)
+    with pytest.raises(DatasetError, match=rf"^{path.parent / 'gone.png'}: no such file$"):
+        read_image(path.parent / "gone.png")
+    path.write_bytes(PNG_SIGNATURE + b"\0\0\0\x0dIHDR")
+    with pytest.raises(DatasetError, match=r"corrupt or truncated PNG \(image file is truncated"):
+        read_image(path)
