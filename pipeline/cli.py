@@ -149,7 +149,7 @@ def inspect_shard(file: Path, as_json: bool, preview: Path | None, names: int) -
     Samples, shapes, dtypes, chunking, compression, classes present with their share of
     pixels, the first names; --json for machines, --preview for a picture.
     """
-    from pipeline.inspect import format_summary, inspect_shard, write_preview
+    from pipeline.inspect_shards import format_summary, inspect_shard, write_preview
 
     summary = inspect_shard(file, names=names)
     click.echo(json.dumps(summary, indent=1) if as_json else format_summary(summary))
@@ -167,7 +167,7 @@ def verify(data_dir: Path) -> None:
     Every listed shard must be present, hold its sample count, match its checksum and read
     back. Exit 0 when all is well, otherwise 1 with the list of what is wrong.
     """
-    from pipeline.inspect import verify as run_verify
+    from pipeline.inspect_shards import verify as run_verify
 
     report = run_verify(data_dir)
     for note in report.notes:
