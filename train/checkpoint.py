@@ -1,0 +1,141 @@
+"""Checkpoints: written atomically, read with `torch.load(weights_only=True)`.
+
+A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts, so loading one from
+elsewhere cannot run code:
+
+    format, format_version, model (state_dict), arch (the UNet's config), classes, categories,
+    palette, mean, std, losstype, size ([W, H] of the training shards), optimizer, scheduler,
+    scaler, epoch (epochs finished), step (optimizer steps), loader (its state_dict),
+    rng (torch / numpy / python / cuda), best_miou, metrics, config, elapsed
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+import random
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.shards import atomic_write_bytes
+
+FORMAT = "cityseg-checkpoint"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, unreadable, or made for another model or class set."""
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Serialise in memory, then write to a temporary name and rename: never half a file."""
+    state = {"format": FORMAT, "format_version": FORMAT_VERSION, **state}
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read and check a checkpoint; every failure is a CheckpointError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint")
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(f"{path}: not a readable checkpoint (not a torch.save archive)")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        # torch's message is a paragraph; the line naming the offending object is the news
+        lines = [ln for ln in str(e).splitlines() if "GLOBAL" in ln or "Unsupported" in ln]
+        raise CheckpointError(
+            f"{path}: refused to load: it holds objects other than tensors and plain data, "
+            f"which could run code ({(lines or [type(e).__name__])[0].strip()})"
+        ) from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as e:
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") \
+            from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a citytrain checkpoint")
+    if state.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: checkpoint format_version {state.get('format_version')}, this code reads "
+            f"{FORMAT_VERSION}"
+        )
+    return state
+
+
+def check_arch(state: dict, arch: dict, path: Path) -> None:
+    """The checkpoint's model must be the one this run builds."""
+    saved = state.get("arch", {})
+    diff = sorted(k for k in set(saved) | set(arch) if saved.get(k) != arch.get(k))
+    if diff:
+        have = ", ".join(f"{k}={saved.get(k)}" for k in diff)
+        want = ", ".join(f"{k}={arch.get(k)}" for k in diff)
+        raise CheckpointError(
+            f"{path}: checkpoint is another architecture ({have}); this run builds {want}"
+        )
+
+
+def check_classes(state: dict, classes: list[str], path: Path, data: str | Path = "the data") \
+        -> None:
+    """The checkpoint must predict exactly the data's classes, in the same order."""
+    saved = list(state.get("classes", []))
+    if saved != list(classes):
+        raise CheckpointError(
+            f"{path}: checkpoint predicts {len(saved)} classes ({', '.join(saved[:5])}"
+            f"{', ...' if len(saved) > 5 else ''}) but {data} has {len(classes)} "
+            f"({', '.join(classes[:5])}{', ...' if len(classes) > 5 else ''})"
+        )
+
+
+def load_model_weights(model: torch.nn.Module, state: dict, path: Path) -> None:
+    try:
+        model.load_state_dict(state["model"])
+    except (RuntimeError, KeyError) as e:
+        raise CheckpointError(f"{path}: weights do not fit the model ({e})") from None
+
+
+def rng_state() -> dict[str, Any]:
+    """Every generator the run draws from, as tensors and lists (safe for weights_only)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"],
+                         n["has_gauss"], n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["internal"]), p["gauss_next"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def model_from_checkpoint(state: dict, path: Path, device: str | torch.device = "cpu") \
+        -> torch.nn.Module:
+    """The U-Net a checkpoint describes, with its weights, in eval mode on `device`."""
+    from train.model import UNet
+
+    try:
+        model = UNet(**state["arch"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot rebuild the model from {state.get('arch')} "
+                              f"({e})") from None
+    load_model_weights(model, state, path)
+    return model.to(device).eval()

@@ -1,0 +1,269 @@
+"""`citytrain`: fit, evaluate, predict, bench.
+
+    citytrain fit --data data_cache/city-1024x512 --out runs/city [--epochs 100 --amp bf16 ...]
+    torchrun --standalone --nproc_per_node=4 -m train.cli fit ...        (one process per GPU)
+    citytrain evaluate --checkpoint runs/city/checkpoints/best.pt --data data_cache/city-1024x512
+    citytrain predict --checkpoint runs/city/checkpoints/best.pt --input photos/ --out preds/
+    citytrain bench --crop 512x1024 --batch-size 8 --amp bf16
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+import click
+
+from train.engine import Config, Interrupted, TrainingError
+
+DEFAULTS = Config()
+BACKENDS = click.Choice(["auto", "dali", "torch"])
+
+
+def _errors():
+    from pipeline.cityscapes import DatasetError
+    from pipeline.labels import MappingError
+    from pipeline.shards import ShardError
+    from train.checkpoint import CheckpointError
+    from train.predict import InputError
+
+    return (ShardError, MappingError, DatasetError, CheckpointError, InputError, TrainingError)
+
+
+def friendly_errors(fn):
+    """The project's errors become one line and a non-zero exit, not a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except Interrupted as e:
+            click.echo(str(e), err=True)
+            raise SystemExit(128 + int(e.signum)) from None
+        except _errors() as e:
+            raise click.ClickException(str(e)) from None
+
+    return wrapper
+
+
+def parse_size(text: str | None, order: str = "HxW") -> tuple[int, int] | None:
+    """'512x1024' -> (512, 1024) in the order written; 'none'/'full' -> None (whole image)."""
+    if text is None or text.lower() in ("none", "full"):
+        return None
+    try:
+        a, b = (int(v) for v in text.lower().split("x"))
+        if a <= 0 or b <= 0:
+            raise ValueError
+    except ValueError:
+        raise click.BadParameter(f"expected {order} with positive integers, got {text!r}") \
+            from None
+    return a, b
+
+
+def _range(text: str) -> tuple[float, float]:
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise click.BadParameter(f"expected MIN,MAX, got {text!r}") from None
+    return lo, hi
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+def main() -> None:
+    """Train and evaluate the U-Net on preprocessed Cityscapes shards."""
+
+
+@main.command()
+@click.option("--data", required=True, type=click.Path(path_type=Path),
+              help="Shard folder from `cityprep preprocess`.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Run directory.")
+@click.option("--epochs", default=DEFAULTS.epochs, type=click.IntRange(1))
+@click.option("--batch-size", default=DEFAULTS.batch_size, type=click.IntRange(1),
+              help="Images per process (per GPU).")
+@click.option("--crop", default="512x1024", help="Training crop HxW, or 'full'.")
+@click.option("--scale", default="0.5,2.0", help="Random rescale range MIN,MAX.")
+@click.option("--flip/--no-flip", default=DEFAULTS.flip)
+@click.option("--jitter", default=DEFAULTS.jitter, type=click.FloatRange(0, 1),
+              help="Photometric jitter strength.")
+@click.option("--lr", type=float, default=None, help="Peak LR [0.01 sgd, 1e-3 adamw].")
+@click.option("--optimizer", default=DEFAULTS.optimizer, type=click.Choice(["sgd", "adamw"]))
+@click.option("--weight-decay", type=float, default=None, help="[1e-4 sgd, 1e-2 adamw]")
+@click.option("--warmup", default=DEFAULTS.warmup, type=click.IntRange(0),
+              help="Iterations of linear LR warmup.")
+@click.option("--clip-grad", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Clip the global gradient norm to this.")
+@click.option("--width", default=DEFAULTS.width, type=click.IntRange(1))
+@click.option("--depth", default=DEFAULTS.depth, type=click.IntRange(1))
+@click.option("--upsample", default=DEFAULTS.upsample, type=click.Choice(["bilinear", "transpose"]))
+@click.option("--losstype", default=DEFAULTS.losstype,
+              type=click.Choice(["segment", "reconstruction"]))
+@click.option("--class-weights", is_flag=True, help="ENet class weights from the manifest.")
+@click.option("--amp", default=DEFAULTS.amp, type=click.Choice(["bf16", "fp16", "off"]))
+@click.option("--channels-last", is_flag=True)
+@click.option("--compile", "compile_", is_flag=True, help="torch.compile the model.")
+@click.option("--device", default=DEFAULTS.device, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--workers", type=click.IntRange(0), default=None, help="Loader worker processes.")
+@click.option("--backend", default=DEFAULTS.backend, type=BACKENDS,
+              help="Loader: DALI, or the torch DataLoader fallback.")
+@click.option("--eval-every", default=DEFAULTS.eval_every, type=click.IntRange(1),
+              help="Evaluate every N epochs (and after the last).")
+@click.option("--time-limit", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Seconds; the LR schedule ends and training stops by then.")
+@click.option("--seed", default=DEFAULTS.seed, type=int)
+@click.option("--resume", is_flag=True, help="Continue from OUT/checkpoints/last.pt.")
+@click.option("--progress/--no-progress", default=True)
+@friendly_errors
+def fit(compile_: bool, crop: str, scale: str, data: Path, out: Path, **kwargs) -> None:
+    """Train a U-Net; writes config, metrics, TensorBoard events, checkpoints, pictures."""
+    from train.engine import fit as run_fit
+
+    run_fit(Config(data=str(data), out=str(out), compile=compile_, crop=parse_size(crop),
+                   scale=_range(scale), **kwargs))
+
+
+@main.command()
+@click.option("--checkpoint", required=True, type=click.Path(path_type=Path))
+@click.option("--data", required=True, type=click.Path(path_type=Path), help="Shard folder.")
+@click.option("--split", default="val")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Folder for metrics.json [RUN/eval-SPLIT beside the checkpoints].")
+@click.option("--export-official", type=click.Path(path_type=Path), default=None,
+              help="Write full-resolution labelId PNGs here and score at full resolution.")
+@click.option("--datadir", type=click.Path(path_type=Path), default=None,
+              help="Cityscapes tree with the originals (with --export-official).")
+@click.option("--batch-size", default=4, type=click.IntRange(1))
+@click.option("--amp", default="off", type=click.Choice(["bf16", "fp16", "off"]))
+@click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--workers", type=click.IntRange(0), default=None)
+@click.option("--backend", default="auto", type=BACKENDS)
+@friendly_errors
+def evaluate(checkpoint: Path, data: Path, split: str, out: Path | None,
+             export_official: Path | None, datadir: Path | None, batch_size: int, amp: str,
+             device: str, workers: int | None, backend: str) -> None:
+    """Score a checkpoint on a split: metrics.json with mIoU, per-class and category IoU."""
+    from pipeline.loader import build_loader
+    from pipeline.shards import atomic_write_bytes, load_manifest
+    from train import distributed
+    from train.checkpoint import check_classes, load_checkpoint, model_from_checkpoint
+    from train.engine import evaluate as run_eval
+
+    if (export_official is None) != (datadir is None):
+        raise click.UsageError("--export-official and --datadir go together")
+    if out is None:
+        run = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" \
+            else checkpoint.parent
+        out = run / f"eval-{split}"
+    state = load_checkpoint(checkpoint)
+    manifest = load_manifest(data)
+    check_classes(state, manifest["classes"], checkpoint, data)
+    dist = distributed.setup(device)
+    try:
+        model = model_from_checkpoint(state, checkpoint, dist.device)
+        if export_official is not None:
+            from train.export import evaluate_full_resolution
+
+            if dist.distributed:
+                raise click.UsageError("--export-official runs in one process, not torchrun")
+            scores = evaluate_full_resolution(
+                model, data, split, datadir, export_dir=export_official,
+                mapping=state.get("mapping") or manifest["config"]["mapping_def"],
+                mean=state["mean"], std=state["std"], losstype=state["losstype"],
+                device=dist.device, amp=amp)
+            metrics = {"split": split, "resolution": "full", **scores}
+        else:
+            loader = build_loader(data, split, batch_size, train=False, mean=state["mean"],
+                                  std=state["std"], rank=dist.rank, world_size=dist.world_size,
+                                  device=dist.device.type, workers=workers, backend=backend)
+            cm, _, _ = run_eval(model, loader, None, num_classes=len(state["classes"]),
+                                losstype=state["losstype"], palette=state["palette"],
+                                device=dist.device, amp=amp)
+            scores = cm.compute(state["classes"], state.get("categories"))
+            metrics = {"split": split, "resolution": "shard", **scores,
+                       "images": loader.num_samples}
+        metrics.update(checkpoint=str(checkpoint), data=str(data))
+        if dist.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            text = json.dumps(metrics, indent=1) + "\n"
+            atomic_write_bytes(out / "metrics.json", text.encode())
+            click.echo(format_metrics(metrics))
+            click.echo(f"wrote {out / 'metrics.json'}")
+    finally:
+        distributed.cleanup()
+
+
+def format_metrics(metrics: dict) -> str:
+    def fmt(v):
+        return "   n/a" if v is None else f"{v:6.4f}"
+
+    lines = [f"{'class':<24} IoU"]
+    lines += [f"{name:<24} {fmt(v)}" for name, v in metrics["iou"].items()]
+    lines += [f"{'category ' + name:<24} {fmt(v)}" for name, v in metrics["category_iou"].items()]
+    lines.append(f"{metrics['split']} ({metrics['resolution']} resolution, {metrics['images']} "
+                 f"images): mIoU {fmt(metrics['miou'])}, pixel acc {fmt(metrics['pixel_acc'])}")
+    return "\n".join(lines)
+
+
+@main.command()
+@click.option("--checkpoint", required=True, type=click.Path(path_type=Path))
+@click.option("--input", "inputs", required=True, multiple=True, type=click.Path(path_type=Path),
+              help="Image files or folders (repeat the option for several).")
+@click.option("--out", required=True, type=click.Path(path_type=Path))
+@click.option("--size", default=None,
+              help="Resize to WxH for the model [the training shards' size]; 'full' = as is.")
+@click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]))
+@friendly_errors
+def predict(checkpoint: Path, inputs: tuple[Path, ...], out: Path, size: str | None,
+            device: str) -> None:
+    """Colorized masks and overlays for any images."""
+    from train.checkpoint import load_checkpoint, model_from_checkpoint
+    from train.distributed import resolve_device
+    from train.predict import predict_paths
+
+    dev = resolve_device(device)
+    state = load_checkpoint(checkpoint)
+    model = model_from_checkpoint(state, checkpoint, dev)
+    if size is None:
+        wh = tuple(state["size"])
+    else:
+        wh = parse_size(size, order="WxH")
+    written = predict_paths(model, list(inputs), out, mean=state["mean"], std=state["std"],
+                            palette=state["palette"], losstype=state["losstype"], device=dev,
+                            size=wh)
+    click.echo(f"wrote {len(written) // 2} masks and overlays to {out}")
+
+
+@main.command()
+@click.option("--crop", default="512x1024", help="HxW of the synthetic batch.")
+@click.option("--batch-size", default=8, type=click.IntRange(1))
+@click.option("--amp", default="bf16", type=click.Choice(["bf16", "fp16", "off"]))
+@click.option("--width", default=64, type=click.IntRange(1))
+@click.option("--depth", default=4, type=click.IntRange(1))
+@click.option("--classes", "num_classes", default=19, type=click.IntRange(1))
+@click.option("--steps", default=20, type=click.IntRange(1), help="Timed steps.")
+@click.option("--warmup-steps", default=3, type=click.IntRange(0), help="Untimed steps first.")
+@click.option("--optimizer", default="sgd", type=click.Choice(["sgd", "adamw"]))
+@click.option("--compile", "compile_", is_flag=True)
+@click.option("--channels-last", is_flag=True)
+@click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--peak-tflops", type=float, default=None,
+              help="Peak for MFU [800 on CUDA (H100/H200 bf16 dense); measured on CPU].")
+@click.option("--json", "json_out", type=click.Path(path_type=Path), default=None,
+              help="Also write the figures here.")
+@friendly_errors
+def bench(crop: str, compile_: bool, json_out: Path | None, **kwargs) -> None:
+    """Training throughput, peak memory and model FLOPs utilisation on a synthetic batch."""
+    from train.bench import format_report, run_bench
+
+    size = parse_size(crop)
+    if size is None:
+        raise click.BadParameter("bench needs a crop HxW", param_hint="--crop")
+    report = run_bench(crop=size, compile=compile_, **kwargs)
+    click.echo(format_report(report))
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(report, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

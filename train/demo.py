@@ -1,0 +1,109 @@
+"""`make demo`: the whole pipeline on a synthetic city, on the CPU, in a few minutes.
+
+    python -m train.demo --out runs/demo
+
+1. synthesize a small city in the Cityscapes layout     (OUT/data/city, 512x256 PNGs)
+2. preprocess it into shards                              (OUT/data/shards, 256x128, trainid)
+3. citytrain fit on the CPU within a time budget          (OUT: metrics.csv, checkpoints, ...)
+4. citytrain evaluate on the val split                    (OUT/eval-val/metrics.json)
+5. citytrain predict on the val images                    (OUT/predict/*_mask.png, *_overlay.png)
+
+Steps 3-5 run the `citytrain` commands themselves, printed as a user would type them. A rerun
+reuses the city and the shards and starts the training afresh.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import click
+
+# Tuned on this synthetic city: val mIoU passes 0.75 after about 60 epochs (420 steps).
+# Class weights matter most: without them wall, fence, lights, signs, persons and riders
+# stay near 0 IoU for the first few hundred steps. The time limit is a cap: where the CPU is
+# slower, the LR schedule ends (and training stops) when the budget is spent.
+TRAIN, VAL = 60, 20
+SOURCE_SIZE, SHARD_SIZE = (512, 256), (256, 128)  # W x H
+FIT_ARGS = ["--width", "16", "--depth", "4", "--batch-size", "8", "--crop", "full",
+            "--scale", "1,1", "--jitter", "0.1", "--optimizer", "adamw", "--lr", "5e-3",
+            "--warmup", "20", "--class-weights", "--amp", "off", "--epochs", "60",
+            "--eval-every", "10", "--workers", "0", "--device", "cpu"]
+RUN_FILES = ("checkpoints", "predictions", "eval-val", "predict", "metrics.csv", "config.json")
+
+
+def citytrain(*args: str) -> None:
+    from train.cli import main
+
+    print(f"\n$ citytrain {shlex.join(args)}", flush=True)
+    try:
+        main(list(args), prog_name="citytrain", standalone_mode=False)
+    except click.ClickException as e:
+        e.show()
+        raise SystemExit(e.exit_code) from None
+
+
+def clear_previous_run(out: Path) -> None:
+    """Remove what an earlier demo run wrote into OUT (never anything else)."""
+    for name in RUN_FILES:
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+    for events in out.glob("events.out.tfevents.*"):
+        events.unlink()
+
+
+@click.command()
+@click.option("--out", default="runs/demo", type=click.Path(path_type=Path), show_default=True)
+@click.option("--minutes", default=4.5, type=click.FloatRange(min=0, min_open=True),
+              show_default=True, help="Training time budget.")
+@click.option("--seed", default=0, type=int, show_default=True)
+def main(out: Path, minutes: float, seed: int) -> None:
+    """Synthesize, preprocess, train, evaluate and predict; prints the mIoU reached."""
+    from pipeline.preprocess import preprocess
+    from pipeline.synth import synthesize
+
+    city, shards = out / "data" / "city", out / "data" / "shards"
+    start = time.perf_counter()
+    done = city / "SYNTH_DONE"
+    if not done.is_file():
+        print(f"synthesizing {TRAIN} train and {VAL} val frames at {SOURCE_SIZE[0]}x"
+              f"{SOURCE_SIZE[1]} into {city}", flush=True)
+        shutil.rmtree(city, ignore_errors=True)
+        synthesize(city, train=TRAIN, val=VAL, size=SOURCE_SIZE, seed=seed)
+        done.write_text("ok\n")
+    print(f"preprocessing into {shards} at {SHARD_SIZE[0]}x{SHARD_SIZE[1]}", flush=True)
+    preprocess(city, shards, splits=("train", "val"), size=SHARD_SIZE, mapping="trainid",
+               shard_size=20, workers=2, progress=True)
+    clear_previous_run(out)
+    prepared = time.perf_counter()
+
+    citytrain("fit", "--data", str(shards), "--out", str(out), "--seed", str(seed),
+              "--time-limit", str(round(minutes * 60)), *FIT_ARGS)
+    trained = time.perf_counter()
+    best = out / "checkpoints" / "last.pt"
+    citytrain("evaluate", "--checkpoint", str(best), "--data", str(shards), "--split", "val",
+              "--device", "cpu", "--workers", "0")
+    citytrain("predict", "--checkpoint", str(best), "--input", str(city / "leftImg8bit" / "val"),
+              "--out", str(out / "predict"), "--device", "cpu")
+
+    metrics = json.loads((out / "eval-val" / "metrics.json").read_text())
+    grids = sorted((out / "predictions").glob("epoch_*/val.png"))
+    print(f"\ndemo done in {time.perf_counter() - start:.0f} s (training "
+          f"{trained - prepared:.0f} s): val mIoU {metrics['miou']:.3f}, pixel accuracy "
+          f"{metrics['pixel_acc']:.3f} over {metrics['images']} images")
+    print(f"  metrics:      {out / 'metrics.csv'}, {out / 'eval-val' / 'metrics.json'}")
+    if grids:
+        print(f"  pictures:     {grids[-1]} (image | ground truth | prediction)")
+    print(f"  predictions:  {out / 'predict'} (*_mask.png, *_overlay.png)")
+    print(f"  TensorBoard:  tensorboard --logdir {out}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

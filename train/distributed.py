@@ -1,0 +1,124 @@
+"""One process or many: torchrun's environment -> rank, world size, device, process group.
+
+`torchrun --nproc_per_node=N -m train.cli fit ...` sets RANK, WORLD_SIZE and LOCAL_RANK; without
+them this is a single process and nothing is initialised. NCCL on CUDA, gloo on the CPU, so the
+same code path runs in the tests as one (or two) CPU processes.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_fn
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 alone prints and writes files."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def resolve_device(device: str, local_rank: int = 0) -> torch.device:
+    """'auto' -> this rank's GPU when CUDA is there, else the CPU."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("--device cuda: no CUDA device is available")
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return torch.device(device)
+
+
+def setup(device: str = "auto") -> Dist:
+    """Read torchrun's variables, pick the device, join the process group when there are peers."""
+    rank = int(os.environ.get("RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    dev = resolve_device(device, local_rank)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if world_size > 1 and not dist.is_initialized():
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        kwargs = {"device_id": dev} if dev.type == "cuda" else {}
+        dist.init_process_group(backend=backend, rank=rank, world_size=world_size, **kwargs)
+    return Dist(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
+
+
+def cleanup() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """In-place sum over ranks (a no-op for one process); returns the tensor."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+class GlooSyncBatchNorm(nn.BatchNorm2d):
+    """SyncBatchNorm for CPU processes (torch's own runs on GPUs only).
+
+    Batch statistics are sums all-reduced with the differentiable `all_reduce`, whose backward
+    sums the gradients of the statistics over ranks: forward and backward are those of one
+    BatchNorm over the global batch, as with nn.SyncBatchNorm on CUDA. Same parameters and
+    buffers as BatchNorm2d, so checkpoints do not care which one trained them.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(x)
+        c = x.shape[1]
+        xf = x.float()
+        local = torch.cat([xf.sum((0, 2, 3)), xf.square().sum((0, 2, 3)),
+                           xf.new_tensor([x.numel() / c])])
+        total = dist_fn.all_reduce(local)
+        count = total[-1]
+        mean = total[:c] / count
+        var = (total[c:2 * c] / count - mean.square()).clamp_min(0)
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+                m = self.momentum if self.momentum is not None \
+                    else 1.0 / float(self.num_batches_tracked)
+                self.running_mean.lerp_(mean.detach(), m)
+                self.running_var.lerp_(var.detach() * count / (count - 1).clamp_min(1), m)
+        y = (xf - mean[:, None, None]) * torch.rsqrt(var + self.eps)[:, None, None]
+        if self.affine:
+            y = y * self.weight[:, None, None] + self.bias[:, None, None]
+        return y.to(x.dtype)
+
+
+def convert_sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
+    """BatchNorm -> synchronised BatchNorm: torch's on GPUs, GlooSyncBatchNorm on the CPU."""
+    if device.type != "cpu":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    for name, child in model.named_children():
+        if type(child) is nn.BatchNorm2d:
+            sync = GlooSyncBatchNorm(child.num_features, child.eps, child.momentum,
+                                     child.affine, child.track_running_stats)
+            sync.load_state_dict(child.state_dict())
+            setattr(model, name, sync)
+        else:
+            convert_sync_batchnorm(child, device)
+    return model
