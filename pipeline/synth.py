@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+from tqdm import tqdm
 
 from pipeline.labels import LABEL_BY_NAME, LABELS
 from pipeline.shards import atomic_write_bytes
@@ -601,7 +602,7 @@ def _png(array: np.ndarray, level: int) -> bytes:
 
 
 def render_frame(size: tuple[int, int], rng: np.random.Generator):
-    """One scene: (RGB uint8 HxWx3, labelIds uint8, instanceIds uint16, polygons JSON dict)."""
+    """One scene in memory: (RGB HxWx3 uint8, labelIds uint8, instanceIds uint16, polygons)."""
     sc = _Scene(size, rng)
     _build(sc)
     ids = np.array(sc.obj_ids)
@@ -620,8 +621,6 @@ def synthesize(root: Path, *, train: int = 20, val: int = 10,
         raise ValueError(f"synthetic city: size {w}x{h} is too small (at least 32x16)")
     if train < 0 or val < 0 or seed < 0:
         raise ValueError("synthetic city: --train, --val and --seed must not be negative")
-    from tqdm import tqdm
-
     root = Path(root)
     jobs = [(split, i) for split, n in (("train", train), ("val", val)) for i in range(n)]
     paths = []

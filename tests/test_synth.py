@@ -138,6 +138,21 @@ def test_polygons_redraw_the_label_ids(city):
         np.testing.assert_array_equal(np.asarray(canvas), ids)
 
 
+def test_official_scripts_read_the_polygons(city):
+    """cityscapesScripts' json2labelImg turns our JSON into our labelIds and color PNGs."""
+    pytest.importorskip("cityscapesscripts")
+    from cityscapesscripts.helpers.annotation import Annotation
+    from cityscapesscripts.preparation.json2labelImg import createLabelImage
+
+    for path in sorted(city.rglob("*_gtFine_polygons.json"))[:3]:
+        annotation = Annotation()
+        annotation.fromJsonFile(str(path))
+        stem = str(path)[: -len("polygons.json")]
+        for encoding, suffix in (("ids", "labelIds.png"), ("color", "color.png")):
+            np.testing.assert_array_equal(np.asarray(createLabelImage(annotation, encoding)),
+                                          np.asarray(Image.open(stem + suffix)))
+
+
 def test_common_classes_in_most_frames(city):
     names = ("road", "sky", "building", "car", "vegetation", "sidewalk")
     counts = dict.fromkeys(names, 0)
