@@ -12,11 +12,10 @@ from __future__ import annotations
 from contextlib import nullcontext
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
+from pipeline.cityscapes import read_label_ids
 from pipeline.labels import Mapping, get_mapping
 from pipeline.shards import load_manifest, open_shard, read_names, split_shards
 from train.losses import predict_classes
@@ -34,18 +33,6 @@ def autocast(device: str | torch.device, amp: str | None):
     if amp not in AMP_DTYPES:
         raise ValueError(f"amp must be bf16, fp16 or off, not {amp!r}")
     return torch.autocast(torch.device(device).type, dtype=AMP_DTYPES[amp])
-
-
-def read_label_ids(path: Path) -> np.ndarray:
-    """An official `*_labelIds.png` as a (H, W) array; InputError naming the file otherwise."""
-    try:
-        with Image.open(path) as img:
-            ids = np.asarray(img)
-    except (OSError, ValueError) as e:
-        raise InputError(f"{path}: cannot read label image ({e})") from None
-    if ids.ndim != 2:
-        raise InputError(f"{path}: a labelIds PNG has one channel, this one has shape {ids.shape}")
-    return ids
 
 
 def _as_mapping(mapping: Mapping | dict | str) -> Mapping:
