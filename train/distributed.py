@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
 from torch import nn
 
 
@@ -76,11 +75,27 @@ def barrier() -> None:
         dist.barrier()
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over ranks; the gradient of each rank's input is the sum of all ranks' gradients."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
 class GlooSyncBatchNorm(nn.BatchNorm2d):
     """SyncBatchNorm for CPU processes (torch's own runs on GPUs only).
 
-    Batch statistics are sums all-reduced with the differentiable `all_reduce`, whose backward
-    sums the gradients of the statistics over ranks: forward and backward are those of one
+    Batch statistics are sums all-reduced by `_AllReduceSum`, whose backward sums the
+    gradients of the statistics over ranks: forward and backward are those of one
     BatchNorm over the global batch, as with nn.SyncBatchNorm on CUDA. Same parameters and
     buffers as BatchNorm2d, so checkpoints do not care which one trained them.
     """
@@ -92,7 +107,7 @@ class GlooSyncBatchNorm(nn.BatchNorm2d):
         xf = x.float()
         local = torch.cat([xf.sum((0, 2, 3)), xf.square().sum((0, 2, 3)),
                            xf.new_tensor([x.numel() / c])])
-        total = dist_fn.all_reduce(local)
+        total = _AllReduceSum.apply(local)
         count = total[-1]
         mean = total[:c] / count
         var = (total[c:2 * c] / count - mean.square()).clamp_min(0)
