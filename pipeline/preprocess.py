@@ -292,11 +292,13 @@ def _run(todo: list[Task], out: Path, args: tuple, workers: int, bar: tqdm) -> N
     ctx = mp.get_context("fork" if sys.platform == "linux" else "spawn")
     pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker)
     futures = {pool.submit(write_shard, t, out, *args): t for t in todo}
+    order = {fut: i for i, fut in enumerate(futures)}
     try:
         pending = set(futures)
         while pending:
             done, pending = wait(pending, return_when=FIRST_EXCEPTION)
-            for fut in done:
+            # several may fail at once (a full disk): report the first shard, not a random one
+            for fut in sorted(done, key=order.__getitem__):
                 fut.result()  # raises the worker's error here
                 bar.update(len(futures[fut].pairs))
     except BrokenProcessPool:

@@ -171,7 +171,9 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tree, reference, tmp_path
 
 
 CLI_DRIVER = """
-import sys, time
+import signal, sys, time
+# a test run from a background shell inherits SIGINT ignored; a terminal's Ctrl-C is not
+signal.signal(signal.SIGINT, signal.default_int_handler)
 import pipeline.shards as shards
 add = shards.ShardWriter.add
 def slow_add(self, *args):

@@ -101,7 +101,8 @@ def lr_factor(step: int, total_steps: int, warmup: int, time_fraction: float = 0
     return max(0.0, 1.0 - max(progress, time_fraction)) ** 0.9
 
 
-def autocast(device: torch.device, amp: str):
+def autocast(device: torch.device, amp: str) -> torch.autocast:
+    """Autocast to the dtype named by `amp` ("bf16", "fp16"); "off" runs in fp32."""
     dtype = AMP_DTYPES[amp]
     return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 

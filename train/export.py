@@ -9,7 +9,6 @@ holding labelIds (`mapping.export_ids`), the format cityscapesScripts' evaluator
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -18,21 +17,11 @@ import torch.nn.functional as F
 from pipeline.cityscapes import read_label_ids
 from pipeline.labels import Mapping, get_mapping
 from pipeline.shards import load_manifest, open_shard, read_names, split_shards
+from train.engine import autocast
 from train.losses import predict_classes
 from train.metrics import ConfusionMatrix
 from train.predict import InputError, to_input
 from train.visualize import write_png
-
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def autocast(device: str | torch.device, amp: str | None):
-    """Autocast for "bf16"/"fp16"; "off" or None runs in fp32."""
-    if amp in (None, "off"):
-        return nullcontext()
-    if amp not in AMP_DTYPES:
-        raise ValueError(f"amp must be bf16, fp16 or off, not {amp!r}")
-    return torch.autocast(torch.device(device).type, dtype=AMP_DTYPES[amp])
 
 
 def _as_mapping(mapping: Mapping | dict | str) -> Mapping:
@@ -56,7 +45,7 @@ def evaluate_full_resolution(
     std,
     losstype: str = "segment",
     device: str | torch.device = "cpu",
-    amp: str | None = "off",
+    amp: str = "off",
     batch_size: int = 4,
 ) -> dict:
     """Score `split` of the shards in `data_dir` at the resolution of the originals in `datadir`.
@@ -92,7 +81,7 @@ def evaluate_full_resolution(
                 shard_names = read_names(f)
                 for start in range(0, len(shard_names), batch_size):
                     batch = f["image"][start:start + batch_size]
-                    with autocast(device, amp):
+                    with autocast(torch.device(device), amp):
                         outputs = model(to_input(batch, mean, std, device))
                     for out, name in zip(outputs, shard_names[start:start + batch_size]):
                         pair = pairs[name]
