@@ -4,13 +4,11 @@ The one place that builds the DALI graph, in the style of NVIDIA nnU-Net's `dali
 each augmentation is a small function of (image, label) and `segmentation_graph` reads as the
 recipe. A stateless per-sample callable (`ShardSource`) reads the shards in spawned worker
 processes; scale, crop, flip and padding run on the GPU when there is one, else the same graph
-on the CPU. Colour jitter and normalization follow on the same device as one batched 3x3
-colour matrix in torch (`jitter_normalize`): DALI's CPU `color_twist` costs 13 ms per 512x1024
-image where the matrix costs 3, and on a GPU both are free.
+on the CPU. Colour jitter and normalization follow on the same device, in torch
+(`pipeline/photometric.py`).
 
-Which sample goes where, and every random value of its augmentation, is a pure function of
-(seed, epoch, index) (`Plan`, `draw_augment`), so a run resumed from `state_dict()` replays the
-uninterrupted one exactly. The fallback for machines without DALI, `pipeline/torch_loader.py`,
+Which sample goes where, and every random value of its augmentation, comes from
+`pipeline/sampling.py`. The fallback for machines without DALI, `pipeline/torch_loader.py`,
 shares all of this module but the geometry kernels.
 """
 
@@ -18,103 +16,14 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
-import h5py
 import numpy as np
 import torch
 
-from pipeline.shards import ShardError, load_manifest, shard_info, split_shards
-
-NUM_PARAMS = 11  # roi y0 x0 y1 x1, output h w, flip, brightness contrast saturation, hue (turns)
-
-
-@dataclass(frozen=True)
-class Augment:
-    crop: tuple[int, int]  # (H, W)
-    scale: tuple[float, float]
-    flip: bool
-    jitter: float
-
-
-@dataclass(frozen=True)
-class Plan:
-    """This rank's share of the split, per epoch.
-
-    Training: a permutation drawn from (seed, epoch), the same on every rank, cut to a whole
-    number of global batches and dealt out by global rank. Evaluation: rank r reads the r-th
-    contiguous block of the split, so the ranks together read each sample exactly once.
-    """
-
-    num_samples: int
-    batch_size: int
-    train: bool
-    rank: int = 0
-    world_size: int = 1
-    seed: int = 0
-
-    @property
-    def batches(self) -> int:
-        if self.train:
-            return self.num_samples // (self.batch_size * self.world_size)
-        return -(-len(self.order(0)) // self.batch_size)
-
-    def order(self, epoch: int) -> np.ndarray:
-        """This rank's sample indices for `epoch`, in the order they are served."""
-        n, r, w = self.num_samples, self.rank, self.world_size
-        if not self.train:
-            return np.arange(r * n // w, (r + 1) * n // w)
-        used = n // (self.batch_size * w) * self.batch_size * w
-        return np.random.default_rng((self.seed, epoch)).permutation(n)[r:used:w]
-
-
-def draw_augment(seed: int, epoch: int, index: int, size: tuple[int, int],
-                 aug: Augment) -> np.ndarray:
-    """The random values of one sample: source window, output size, flip, colour jitter.
-
-    Drawn in a fixed order from (seed, epoch, index) whatever the knobs, so switching one
-    knob off leaves the others' values unchanged. `size` and `aug.crop` are (H, W). The window
-    is cut from the source and resized to at most the crop, so work scales with the output;
-    where the scaled image is smaller than the crop, the output is smaller and gets padded.
-    A flip swaps the window's x ends: resizing a mirrored window mirrors the output.
-    """
-    s, uy, ux, coin, *colour = np.random.default_rng((seed, epoch, index, 1)).random(8)
-    s = aug.scale[0] + s * (aug.scale[1] - aug.scale[0])
-    p = np.zeros(NUM_PARAMS, np.float32)
-    for axis, u in enumerate((uy, ux)):
-        out = min(aug.crop[axis], max(1, round(size[axis] * s)))
-        win = min(size[axis], max(1, round(out / s)))
-        start = int(u * (size[axis] - win + 1))
-        p[axis], p[axis + 2], p[axis + 4] = start, start + win, out
-    if aug.flip and coin < 0.5:
-        p[[1, 3]], p[6] = p[[3, 1]], 1
-    j = aug.jitter
-    p[7:10] = 1 - j + 2 * j * np.array(colour[:3])
-    p[10] = (colour[3] - 0.5) * j / 2  # +-j/4 of a turn: +-18 degrees at the default 0.2
-    return p
-
-
-class ShardReader:
-    """Sample `index` of a split -> (image HxWx3, label HxW); files open lazily per process."""
-
-    def __init__(self, files: list[str], counts: list[int]) -> None:
-        self.files, self.offsets = list(files), np.cumsum([0, *counts])
-        self._handles: dict[int, h5py.File] = {}
-
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_handles": {}}  # never ship an open HDF5 handle
-
-    def read(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        k = int(np.searchsorted(self.offsets, index, side="right")) - 1
-        i = index - int(self.offsets[k])
-        try:
-            if k not in self._handles:
-                self._handles[k] = h5py.File(self.files[k], "r")
-            return self._handles[k]["image"][i], self._handles[k]["label"][i]
-        except OSError as e:
-            raise ShardError(f"{self.files[k]}: sample {i} unreadable ({e}); "
-                             "run `cityprep verify`") from None
+from pipeline.photometric import jitter_normalize
+from pipeline.sampling import Augment, Plan, ShardReader, check_shards, draw_augment
+from pipeline.shards import ShardError, load_manifest
 
 
 class ShardSource:
@@ -187,50 +96,6 @@ def segmentation_graph(source, *, aug: Augment | None, gpu: bool, parallel: bool
     image, label = scale_crop_flip(image, label, params[0])
     image, label = pad(image, label, aug.crop)
     return image, label, index, params[0]  # colour jitter and normalization: in torch
-
-
-# -- on the device, in torch: colour jitter and normalization as one matrix per sample ----------
-
-_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]],
-                    dtype=torch.float64)
-_YIQ_INV = torch.linalg.inv(_YIQ)
-
-
-def color_matrix(colour: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows (brightness, contrast, saturation, hue in turns) -> A (N, 3, 3), t (N,): A x + t.
-
-    Brightness scales, contrast pulls towards mid-grey 128 (0-255 units), saturation scales
-    the chroma and hue rotates it, both in YIQ space, where grey stays put.
-    """
-    b, c, s, h = colour.double().cpu().unbind(1)
-    cos, sin = s * torch.cos(2 * torch.pi * h), s * torch.sin(2 * torch.pi * h)
-    mix = torch.zeros(len(colour), 3, 3, dtype=torch.float64)
-    mix[:, 0, 0], mix[:, 1, 1], mix[:, 1, 2], mix[:, 2, 1], mix[:, 2, 2] = 1, cos, -sin, sin, cos
-    a = (b * c)[:, None, None] * (_YIQ_INV @ mix @ _YIQ)
-    return a.float(), ((1 - c) * 128).float()
-
-
-def jitter_normalize(image: torch.Tensor, colour: torch.Tensor | None, mean, std,
-                     dtype: torch.dtype) -> torch.Tensor:
-    """uint8 (N, H, W, 3) -> (clamp(A x + t, 0, 255) / 255 - mean) / std, `dtype` (N, 3, H, W).
-
-    The normalization is folded into the matrix, so a batch costs one float copy, one batched
-    matrix product and an in-place clamp.
-    """
-    n, h, w, _ = image.shape
-    x = torch.empty((n, 3, h, w), device=image.device).copy_(image.permute(0, 3, 1, 2))
-    x = x.view(n, 3, h * w)
-    scale = torch.tensor([1 / (255 * v) for v in std]).view(1, 3, 1)
-    shift = torch.tensor([m / v for m, v in zip(mean, std)]).view(1, 3, 1)
-    if colour is None:
-        x.mul_(scale.to(x.device)).sub_(shift.to(x.device))
-    else:
-        a, t = color_matrix(colour)
-        a, t = (scale * a).to(x.device), (scale * t.view(-1, 1, 1) - shift).to(x.device)
-        x = torch.baddbmm(t, a, x)
-        for c in range(3):  # clamp the jittered colour to 0-255, in normalized units
-            x[:, c].clamp_(-mean[c] / std[c], (1 - mean[c]) / std[c])
-    return x.view(n, 3, h, w).to(dtype)
 
 
 # -- the loader object -------------------------------------------------------------------------
@@ -370,24 +235,6 @@ def resolve_device(device: str | torch.device) -> torch.device:
         local = os.environ.get("LOCAL_RANK")
         device = torch.device("cuda", int(local) if local else torch.cuda.current_device())
     return device
-
-
-def check_shards(data_dir: Path, manifest: dict, split: str) -> tuple[list, list, tuple]:
-    """Open every shard of the split now, so a bad file fails here and not in a worker."""
-    files, counts, size = [], [], None
-    for path, n in split_shards(data_dir, manifest, split):
-        info = shard_info(path)
-        if info.num_samples != n:
-            raise ShardError(f"{path}: holds {info.num_samples} samples, the manifest says {n}; "
-                             "run `cityprep verify` or preprocess again")
-        if size is not None and info.size != size:
-            raise ShardError(f"{path}: images are {info.size}, other shards {size} (W, H)")
-        files.append(str(path))
-        counts.append(n)
-        size = info.size
-    if size is None:
-        raise ShardError(f"{data_dir}: split {split!r} has no shards")
-    return files, counts, (size[1], size[0])
 
 
 def dali_available() -> bool:

@@ -1,7 +1,7 @@
 """The fallback loader for machines without DALI (macOS, aarch64): torch DataLoader + v2 transforms.
 
 Same contract, same sample order and the same random values as the DALI graph (both come from
-`pipeline.loader.Plan` and `draw_augment`), and the same colour jitter and normalization on the
+`pipeline.sampling`), and the same colour jitter and normalization on the
 device (`Loader` applies them to both); only the geometry kernels differ: torchvision's v2
 functionals on an `Image` and a `Mask` (nearest, never blended) in spawned worker processes.
 """
@@ -14,7 +14,8 @@ from torchvision import tv_tensors
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
-from pipeline.loader import Augment, Loader, Plan, ShardReader, draw_augment, worker_error
+from pipeline.loader import Loader, worker_error
+from pipeline.sampling import Augment, Plan, ShardReader, draw_augment
 from pipeline.shards import ShardError
 
 

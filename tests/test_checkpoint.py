@@ -23,7 +23,8 @@ from train.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from train.engine import Interrupted, fit
+from train.engine import Interrupted
+from train.fit import fit
 from train.model import UNet
 
 

@@ -13,9 +13,10 @@ import torch
 import torch.multiprocessing as mp
 
 from pipeline.labels import get_mapping
-from train import engine
+from train import fit as fit_module
 from train.checkpoint import load_checkpoint
-from train.engine import Config, TrainingError, fit, lr_factor, train_step
+from train.engine import Config, TrainingError, lr_factor, train_step
+from train.fit import fit
 from train.losses import build_loss
 from train.model import UNet
 
@@ -143,7 +144,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(make_dataset, 
     images, labels, names = blocks(8)
     data = make_dataset({"train": (images, labels, names), "val": (images[:2], labels[:2],
                                                                     names[:2])})
-    real = engine.build_loss
+    real = fit_module.build_loss
     calls = []
 
     def poisoned(*args, **kwargs):
@@ -156,7 +157,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(make_dataset, 
 
         return forward
 
-    monkeypatch.setattr(engine, "build_loss", lambda *a, **k: _Wrap(poisoned(*a, **k)))
+    monkeypatch.setattr(fit_module, "build_loss", lambda *a, **k: _Wrap(poisoned(*a, **k)))
     cfg = tiny(data, tmp_path / "run", epochs=3)
     with pytest.raises(TrainingError, match=r"non-finite loss \(nan\) at epoch 2, step 3"):
         fit(cfg)

@@ -116,7 +116,7 @@ def main() -> None:
 @friendly_errors
 def fit(compile_: bool, crop: str, scale: str, data: Path, out: Path, **kwargs) -> None:
     """Train a U-Net; writes config, metrics, TensorBoard events, checkpoints, pictures."""
-    from train.engine import fit as run_fit
+    from train.fit import fit as run_fit
 
     run_fit(Config(data=str(data), out=str(out), compile=compile_, crop=parse_size(crop),
                    scale=_range(scale), **kwargs))

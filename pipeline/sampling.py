@@ -1,0 +1,123 @@
+"""Which samples a rank reads, in which order, with which random values; reading one sample.
+
+Everything here is a pure function of (seed, epoch, index) and the split's size, shared by both
+loader backends (`pipeline/loader.py` for DALI, `pipeline/torch_loader.py`), so a run resumed
+from the loader's `state_dict()` replays the uninterrupted one exactly, on either backend.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from pipeline.shards import ShardError, shard_info, split_shards
+
+NUM_PARAMS = 11  # roi y0 x0 y1 x1, output h w, flip, brightness contrast saturation, hue (turns)
+
+
+@dataclass(frozen=True)
+class Augment:
+    crop: tuple[int, int]  # (H, W)
+    scale: tuple[float, float]
+    flip: bool
+    jitter: float
+
+
+@dataclass(frozen=True)
+class Plan:
+    """This rank's share of the split, per epoch.
+
+    Training: a permutation drawn from (seed, epoch), the same on every rank, cut to a whole
+    number of global batches and dealt out by global rank. Evaluation: rank r reads the r-th
+    contiguous block of the split, so the ranks together read each sample exactly once.
+    """
+
+    num_samples: int
+    batch_size: int
+    train: bool
+    rank: int = 0
+    world_size: int = 1
+    seed: int = 0
+
+    @property
+    def batches(self) -> int:
+        if self.train:
+            return self.num_samples // (self.batch_size * self.world_size)
+        return -(-len(self.order(0)) // self.batch_size)
+
+    def order(self, epoch: int) -> np.ndarray:
+        """This rank's sample indices for `epoch`, in the order they are served."""
+        n, r, w = self.num_samples, self.rank, self.world_size
+        if not self.train:
+            return np.arange(r * n // w, (r + 1) * n // w)
+        used = n // (self.batch_size * w) * self.batch_size * w
+        return np.random.default_rng((self.seed, epoch)).permutation(n)[r:used:w]
+
+
+def draw_augment(seed: int, epoch: int, index: int, size: tuple[int, int],
+                 aug: Augment) -> np.ndarray:
+    """The random values of one sample: source window, output size, flip, colour jitter.
+
+    Drawn in a fixed order from (seed, epoch, index) whatever the knobs, so switching one
+    knob off leaves the others' values unchanged. `size` and `aug.crop` are (H, W). The window
+    is cut from the source and resized to at most the crop, so work scales with the output;
+    where the scaled image is smaller than the crop, the output is smaller and gets padded.
+    A flip swaps the window's x ends: resizing a mirrored window mirrors the output.
+    """
+    s, uy, ux, coin, *colour = np.random.default_rng((seed, epoch, index, 1)).random(8)
+    s = aug.scale[0] + s * (aug.scale[1] - aug.scale[0])
+    p = np.zeros(NUM_PARAMS, np.float32)
+    for axis, u in enumerate((uy, ux)):
+        out = min(aug.crop[axis], max(1, round(size[axis] * s)))
+        win = min(size[axis], max(1, round(out / s)))
+        start = int(u * (size[axis] - win + 1))
+        p[axis], p[axis + 2], p[axis + 4] = start, start + win, out
+    if aug.flip and coin < 0.5:
+        p[[1, 3]], p[6] = p[[3, 1]], 1
+    j = aug.jitter
+    p[7:10] = 1 - j + 2 * j * np.array(colour[:3])
+    p[10] = (colour[3] - 0.5) * j / 2  # +-j/4 of a turn: +-18 degrees at the default 0.2
+    return p
+
+
+class ShardReader:
+    """Sample `index` of a split -> (image HxWx3, label HxW); files open lazily per process."""
+
+    def __init__(self, files: list[str], counts: list[int]) -> None:
+        self.files, self.offsets = list(files), np.cumsum([0, *counts])
+        self._handles: dict[int, h5py.File] = {}
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_handles": {}}  # never ship an open HDF5 handle
+
+    def read(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        k = int(np.searchsorted(self.offsets, index, side="right")) - 1
+        i = index - int(self.offsets[k])
+        try:
+            if k not in self._handles:
+                self._handles[k] = h5py.File(self.files[k], "r")
+            return self._handles[k]["image"][i], self._handles[k]["label"][i]
+        except OSError as e:
+            raise ShardError(f"{self.files[k]}: sample {i} unreadable ({e}); "
+                             "run `cityprep verify`") from None
+
+
+def check_shards(data_dir: Path, manifest: dict, split: str) -> tuple[list, list, tuple]:
+    """Open every shard of the split now, so a bad file fails here and not in a worker."""
+    files, counts, size = [], [], None
+    for path, n in split_shards(data_dir, manifest, split):
+        info = shard_info(path)
+        if info.num_samples != n:
+            raise ShardError(f"{path}: holds {info.num_samples} samples, the manifest says {n}; "
+                             "run `cityprep verify` or preprocess again")
+        if size is not None and info.size != size:
+            raise ShardError(f"{path}: images are {info.size}, other shards {size} (W, H)")
+        files.append(str(path))
+        counts.append(n)
+        size = info.size
+    if size is None:
+        raise ShardError(f"{data_dir}: split {split!r} has no shards")
+    return files, counts, (size[1], size[0])

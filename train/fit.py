@@ -1,0 +1,222 @@
+"""`fit`: wires the loader, model, loss, optimizer, checkpoints and run directory together.
+
+Read top to bottom: check the run directory, build both loaders (the manifest's mean/std
+normalise both splits), the U-Net, loss and optimizer, resume if asked, then the epoch loop:
+train, evaluate, log, checkpoint, stop on a signal or when time runs out. The per-step and
+per-epoch machinery lives in `train/engine.py`.
+"""
+
+from __future__ import annotations
+
+import random
+import signal
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from pipeline.loader import build_loader
+from pipeline.shards import load_manifest
+from train import distributed
+from train.checkpoint import (
+    check_arch,
+    check_classes,
+    load_checkpoint,
+    load_model_weights,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from train.engine import (
+    AMP_DTYPES,
+    Config,
+    EpochState,
+    Interrupted,
+    Stopper,
+    TrainingError,
+    build_optimizer,
+    evaluate,
+    time_up,
+    train_one_epoch,
+)
+from train.losses import build_loss, class_weights_from_pixels, output_channels
+from train.model import UNet
+from train.rundir import RunDir
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def fit(cfg: Config) -> dict:
+    """Train to `cfg`, writing the run directory; returns the last epoch's metrics row."""
+    dist = distributed.setup(cfg.device)
+    try:
+        return _fit(cfg, dist)
+    finally:
+        distributed.cleanup()
+
+
+def _fit(cfg: Config, dist: distributed.Dist) -> dict:
+    if cfg.amp not in AMP_DTYPES:
+        raise ValueError(f"amp must be one of {', '.join(AMP_DTYPES)}, not {cfg.amp!r}")
+    out = Path(cfg.out)
+    last_path, best_path = out / "checkpoints" / "last.pt", out / "checkpoints" / "best.pt"
+    if cfg.resume and not last_path.is_file():
+        raise TrainingError(f"{last_path}: no checkpoint to resume from")
+    if not cfg.resume and last_path.is_file():
+        raise TrainingError(f"{out} already holds a run ({last_path}); pass --resume to "
+                            "continue it, or choose another --out")
+    seed_everything(cfg.seed)
+
+    # data: the manifest's mean/std normalise both splits
+    common = dict(rank=dist.rank, world_size=dist.world_size, seed=cfg.seed,
+                  device=dist.device.type, workers=cfg.workers, channels_last=cfg.channels_last,
+                  backend=cfg.backend)
+    w, h = load_manifest(Path(cfg.data))["config"]["size"]
+    train_loader = build_loader(cfg.data, "train", cfg.batch_size, train=True,
+                                crop=cfg.crop or (h, w),
+                                scale=cfg.scale, flip=cfg.flip, jitter=cfg.jitter, **common)
+    if len(train_loader) == 0:
+        raise TrainingError(f"{cfg.data}: the train split has {train_loader.num_samples} "
+                            f"samples, fewer than one batch of {cfg.batch_size} per process "
+                            f"x {dist.world_size} processes; lower --batch-size")
+    manifest = train_loader.manifest
+    mean, std = [float(v) for v in train_loader.mean], [float(v) for v in train_loader.std]
+    val_loader = None
+    if "val" in manifest["splits"]:
+        val_loader = build_loader(cfg.data, "val", cfg.batch_size, train=False, mean=mean,
+                                  std=std, **common)
+    classes, categories = list(train_loader.classes), list(manifest["categories"])
+    palette = np.asarray(train_loader.palette, dtype=np.uint8)
+
+    # model, loss, optimizer
+    model = UNet(output_channels(cfg.losstype, len(classes)), width=cfg.width, depth=cfg.depth,
+                 upsample=cfg.upsample)
+    arch = dict(model.config)
+    if dist.distributed:
+        model = distributed.convert_sync_batchnorm(model, dist.device)
+    model.to(dist.device, memory_format=torch.channels_last if cfg.channels_last
+             else torch.contiguous_format)
+    weights = class_weights_from_pixels(manifest["class_pixels"]) if cfg.class_weights else None
+    criterion = build_loss(cfg.losstype, palette=palette, ignore_index=train_loader.ignore_index,
+                           class_weights=weights).to(dist.device)
+    optimizer = build_optimizer(model, cfg)
+    scaler = torch.amp.GradScaler(dist.device.type, enabled=cfg.amp == "fp16")
+    run = {"epoch": 0, "step": 0, "elapsed": 0.0, "stop": False,
+           "total_steps": cfg.epochs * len(train_loader)}
+    epoch_state, best = EpochState(), -1.0
+    if cfg.resume:
+        state = load_checkpoint(last_path)
+        check_arch(state, arch, last_path)
+        check_classes(state, classes, last_path, cfg.data)
+        load_model_weights(model, state, last_path)
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])
+        train_loader.load_state_dict(state["loader"])
+        run.update(epoch=state["epoch"], step=state["step"], elapsed=state["elapsed"])
+        epoch_state, best = EpochState(**state["epoch_state"]), state["best_miou"]
+        if dist.is_main:
+            tqdm.write(f"resuming {last_path}: epoch {run['epoch']}, step {run['step']}")
+
+    eval_model = torch.compile(model) if cfg.compile else model
+    train_model = eval_model
+    if dist.distributed:
+        ids = [dist.device.index] if dist.device.type == "cuda" else None
+        train_model = nn.parallel.DistributedDataParallel(eval_model, device_ids=ids)
+
+    rundir = RunDir(out, enabled=dist.is_main, resume_epoch=run["epoch"] if cfg.resume else None,
+                    resume_step=run["step"] if cfg.resume else None)
+    rundir.write_config({
+        "config": asdict(cfg), "world_size": dist.world_size, "device": str(dist.device),
+        "model": arch, "classes": classes, "mean": mean, "std": std,
+        "data": {"manifest_config": manifest["config"],
+                 "samples": {s: v["samples"] for s, v in manifest["splits"].items()}},
+        "steps_per_epoch": len(train_loader), "resumed_from_step": run["step"] or None,
+    })
+
+    def checkpoint(row: dict | None) -> dict:
+        return {
+            "model": model.state_dict(), "arch": arch, "classes": classes,
+            "categories": categories, "palette": palette.tolist(), "mean": mean, "std": std,
+            "losstype": cfg.losstype, "ignore_index": int(train_loader.ignore_index),
+            "size": list(manifest["config"]["size"]),
+            "mapping": manifest["config"].get("mapping_def"),
+            "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+            "scheduler": {"name": "poly", "power": 0.9, "warmup": cfg.warmup,
+                          "total_steps": run["total_steps"], "base_lr": cfg.resolved_lr(),
+                          "time_limit": cfg.time_limit},
+            "epoch": run["epoch"], "step": run["step"], "elapsed": run["elapsed"],
+            "loader": dict(train_loader.state_dict()), "epoch_state": asdict(epoch_state),
+            "rng": rng_state(), "best_miou": best, "metrics": row, "config": asdict(cfg),
+        }
+
+    row: dict = {}
+    try:
+        with Stopper().installed() as stopper:
+            for epoch in range(run["epoch"], cfg.epochs):
+                run["epoch"] = epoch
+                why = train_one_epoch(train_model, train_loader, criterion, optimizer, scaler,
+                                      cfg=cfg, dist=dist, run=run, stopper=stopper,
+                                      epoch_state=epoch_state, writer=rundir.writer)
+                if why == "signal":
+                    if dist.is_main:
+                        save_checkpoint(last_path, checkpoint(None))
+                    name = signal.Signals(stopper.signum).name if stopper.signum else "signal"
+                    raise Interrupted(f"stopped by {name} at epoch {epoch + 1}, step "
+                                      f"{run['step']}; saved {last_path}; continue with "
+                                      "--resume", stopper.signum or signal.SIGTERM)
+                final = why == "time" or epoch + 1 == cfg.epochs or time_up(cfg, run)
+                row = {"epoch": epoch + 1, "step": run["step"],
+                       "lr": optimizer.param_groups[0]["lr"],
+                       "train_loss": epoch_state.loss_sum / max(1, epoch_state.batches),
+                       "images_per_s": epoch_state.images / max(epoch_state.seconds, 1e-9),
+                       "data_wait_fraction": epoch_state.wait / max(epoch_state.seconds, 1e-9)}
+                scores = None
+                if val_loader is not None and (final or (epoch + 1) % cfg.eval_every == 0):
+                    tick = time.perf_counter()
+                    cm, val_loss, kept = evaluate(
+                        eval_model, val_loader, criterion, num_classes=len(classes),
+                        losstype=cfg.losstype, palette=palette, device=dist.device,
+                        amp=cfg.amp, keep=cfg.grid_samples if dist.is_main else 0)
+                    scores = cm.compute(classes, categories)
+                    # evaluation counts against --time-limit too, the same on every rank
+                    spent = torch.tensor([time.perf_counter() - tick], dtype=torch.float64,
+                                         device=dist.device)
+                    run["elapsed"] += float(distributed.all_reduce_sum(spent)) / dist.world_size
+                    row.update(val_loss=val_loss, val_miou=scores["miou"],
+                               pixel_acc=scores["pixel_acc"])
+                    rundir.save_grid(epoch + 1, kept, mean=mean, std=std, palette=palette)
+                miou = row.get("val_miou")
+                is_best = miou is not None and miou > best
+                best = max(best, miou) if miou is not None else best
+                if why != "time":  # a cut-short epoch does not count as done
+                    run["epoch"], epoch_state = epoch + 1, EpochState()
+                if dist.is_main:
+                    rundir.log_epoch(row, scores)
+                    state = checkpoint(row)
+                    save_checkpoint(last_path, state)
+                    if is_best:
+                        save_checkpoint(best_path, state)
+                    tqdm.write(_summary(row, cfg.epochs))
+                if final or time_up(cfg, run):
+                    break
+    finally:
+        rundir.close()
+    return row
+
+
+def _summary(row: dict, epochs: int) -> str:
+    text = f"epoch {row['epoch']}/{epochs} step {row['step']}: loss {row['train_loss']:.4f}"
+    if row.get("val_miou") is not None:
+        text += f", val loss {row['val_loss']:.4f}, mIoU {row['val_miou']:.4f}, " \
+                f"pixel acc {row['pixel_acc']:.4f}"
+    return text + f" | {row['images_per_s']:.1f} img/s, data wait " \
+                  f"{row['data_wait_fraction']:.1%}"
