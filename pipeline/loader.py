@@ -22,7 +22,14 @@ import numpy as np
 import torch
 
 from pipeline.photometric import jitter_normalize
-from pipeline.sampling import Augment, Plan, ShardReader, check_shards, draw_augment
+from pipeline.sampling import (
+    Augment,
+    Plan,
+    ShardReader,
+    check_shards,
+    draw_augment,
+    ignore_ctrl_c,
+)
 from pipeline.shards import ShardError, load_manifest
 
 
@@ -38,6 +45,10 @@ class ShardSource:
                  size: tuple[int, int], start: int) -> None:
         self.reader, self.plan, self.aug, self.size, self.start = reader, plan, aug, size, start
         self._orders: dict[int, np.ndarray] = {}
+
+    def __setstate__(self, state: dict) -> None:  # only ever unpickled in a DALI worker
+        self.__dict__.update(state)
+        ignore_ctrl_c()
 
     def __call__(self, info) -> tuple[np.ndarray, ...]:
         epoch, b = divmod(self.start + info.iteration, self.plan.batches)

@@ -7,6 +7,7 @@ from the loader's `state_dict()` replays the uninterrupted one exactly, on eithe
 
 from __future__ import annotations
 
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,6 +82,16 @@ def draw_augment(seed: int, epoch: int, index: int, size: tuple[int, int],
     p[7:10] = 1 - j + 2 * j * np.array(colour[:3])
     p[10] = (colour[3] - 0.5) * j / 2  # +-j/4 of a turn: +-18 degrees at the default 0.2
     return p
+
+
+def ignore_ctrl_c(*_worker_id: int) -> None:
+    """Run in each loader worker: leave Ctrl-C to the trainer.
+
+    A terminal's Ctrl-C reaches the whole process group. The trainer finishes its step, saves
+    and closes the loader, which stops the workers; a worker dying of KeyboardInterrupt first
+    would only print a traceback and starve that last step of data.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class ShardReader:

@@ -2,13 +2,11 @@
 
 Every frame is a straight street seen from a car through a pinhole camera: road, sidewalks and
 grass on the ground plane; facades with windows, walls, fences, hedges and trees beside it;
-poles, signs, traffic lights, cars, trucks, buses, pedestrians and cyclists on it. The scene is
-drawn as numbered polygons: one canvas gets the labelled outlines (the polygons JSON, and from
-it labelIds/instanceIds/color), a second gets those plus same-class details (windows, lane
-marks, wheels). The RGB image is rendered from the second with a colour, texture and shading
-per part, so image and labels agree to the pixel and each class has a consistent look.
-Sizes are in metres; anything thin is kept at least a few pixels wide *of a 256-wide frame*
-(or left out), so a 256x128 city is learnable rather than a field of slivers.
+poles, signs, traffic lights, cars, trucks, buses, pedestrians and cyclists on it. This module
+lays the street out and places those things, drawn as numbered polygons on a pipeline.scene
+Scene; renders the RGB image from its canvas of parts with a colour, texture and shading per
+part, so image and labels agree to the pixel and each class has a consistent look; and writes
+the leftImg8bit + gtFine tree (labelIds, instanceIds, color, polygons JSON).
 """
 
 from __future__ import annotations
@@ -18,10 +16,12 @@ import json
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 from tqdm import tqdm
 
-from pipeline.labels import LABEL_BY_NAME, LABELS
+from pipeline import scene
+from pipeline.labels import LABELS
+from pipeline.scene import ASPHALT, BRICK, FACADES, FLAT, GRASS, LEAVES, PAVING, PLANKS, SKY
 from pipeline.shards import atomic_write_bytes
 
 CITIES = {"train": ("aachen", "bremen", "hamburg", "zurich"),
@@ -29,9 +29,8 @@ CITIES = {"train": ("aachen", "bremen", "hamburg", "zurich"),
 FRAME = 19  # the annotated frame of each real 30-frame snippet
 _SPLIT_CODE = {"train": 0, "val": 1}
 
-# Materials, and how much each varies the brightness of its colour at four scales:
+# How much each material (pipeline.scene) varies the brightness of its colour at four scales:
 # (grain, small blobs, leaf clusters, broad stains), in 256-wide-frame pixels 0.6, 1.5, 4, 30.
-FLAT, SKY, ASPHALT, PAVING, GRASS, LEAVES, PLASTER, GLASS, BRICK, PLANKS, METAL, LAMP = range(12)
 _TEX = np.array([
     [.015, .015, 0, .02],  # FLAT: paint, cloth, signs
     [0, 0, 0, 0],  # SKY: a gradient, clouds are added apart
@@ -46,339 +45,23 @@ _TEX = np.array([
     [.015, .02, 0, .02],  # METAL
     [0, 0, 0, 0],  # LAMP: lit, flat
 ], np.float32)
-
-# Palettes: realistic, but kept apart between classes (no white facades: white is for trucks;
-# pedestrians and riders dress differently) so that a small model tells classes apart early.
-_FACADES = [(214, 200, 172), (196, 178, 150), (222, 208, 160), (205, 195, 175), (215, 190, 160),
-            (190, 180, 165), (225, 215, 185)]
-_CARS = [(165, 168, 172), (70, 72, 76), (28, 28, 32), (32, 48, 100), (150, 28, 28),
-         (40, 70, 55)]
-_TOPS = [(120, 30, 45), (95, 50, 120), (30, 110, 115), (210, 95, 80), (150, 60, 110),
-         (190, 190, 195)]
-_TROUSERS = [(55, 75, 115), (30, 30, 35)]
-_SPORT = [(235, 215, 20), (250, 130, 20), (150, 220, 40), (30, 190, 220)]
-_SKIN = [(225, 185, 155), (200, 150, 115), (150, 100, 70), (95, 65, 45)]
-_BIKES = [(30, 30, 30), (180, 30, 30), (30, 90, 170), (220, 220, 220), (40, 140, 60)]
 _COLOR_LUT = np.zeros((256, 4), np.uint8)
 for _lb in LABELS:
     if _lb.id >= 0:
         _COLOR_LUT[_lb.id] = (*_lb.color, 255)
 
 
-def _circle(n: int = 14) -> np.ndarray:
-    a = np.linspace(0, 2 * np.pi, n, endpoint=False)
-    return np.stack([np.cos(a), np.sin(a)], 1)
-
-
-def _clip(pts: np.ndarray, w: int, h: int) -> np.ndarray:
-    """Sutherland-Hodgman clip of a polygon to the image rectangle [0, w] x [0, h]."""
-    if pts.min() >= 0 and pts[:, 0].max() <= w and pts[:, 1].max() <= h:
-        return pts
-    for axis, bound, keep_low in ((0, 0, False), (0, w, True), (1, 0, False), (1, h, True)):
-        if len(pts) == 0:
-            break
-        inside = (pts[:, axis] <= bound) if keep_low else (pts[:, axis] >= bound)
-        if inside.all():
-            continue
-        out = []
-        for i in range(len(pts)):
-            a, b, ia, ib = pts[i - 1], pts[i], inside[i - 1], inside[i]
-            if ia != ib:
-                t = (bound - a[axis]) / (b[axis] - a[axis])
-                out.append(a + t * (b - a))
-            if ib:
-                out.append(b)
-        pts = np.array(out).reshape(-1, 2)
-    return pts
-
-
-class _Scene:
-    """Camera, the two canvases and the table of parts drawn on them."""
-
-    def __init__(self, size: tuple[int, int], rng: np.random.Generator) -> None:
-        self.w, self.h = size
-        self.rng = rng
-        self.s = self.w / 256  # one pixel of a 256-wide frame
-        self.f = 1.1 * self.w
-        self.cx = self.w * (0.5 + rng.uniform(-0.06, 0.06))
-        self.hy = self.h * rng.uniform(0.40, 0.46)
-        self.cam = rng.uniform(1.3, 1.6)
-        self.sun = rng.uniform(0.8, 1.1, 2)  # brightness of left- and right-side facades
-        self.labels, self.parts = Image.new("I", size), Image.new("I", size)
-        self.dl, self.dp = ImageDraw.Draw(self.labels), ImageDraw.Draw(self.parts)
-        self.objects: list[dict] = []
-        self.obj_ids: list[tuple[int, int]] = [(0, 0)]  # (labelId, instanceId) per outline
-        # per part: colour, material, vertical gradient, cylinder shading, depth, bbox
-        self.table: list[tuple] = [((0, 0, 0), FLAT, 0, 0, 0, 0, 0, 1, 1)]
-        self.instances: dict[int, int] = {}
-        self.sky_bottom = 0.0
-
-    def project(self, x, y, z) -> np.ndarray:
-        z = np.maximum(np.asarray(z, float), 0.3)  # nothing behind the camera
-        u = self.cx + self.f * np.asarray(x, float) / z
-        v = self.hy + self.f * (self.cam - np.asarray(y, float)) / z
-        u, v = np.broadcast_arrays(u, v)
-        return np.stack([u.ravel(), v.ravel()], 1)
-
-    def sprite(self, x: float, z: float, uv) -> np.ndarray:
-        """Points (u right, v up, metres) of an upright flat object standing at (x, z)."""
-        base, k = self.project(x, 0, z)[0], self.f / z
-        return base + k * np.asarray(uv, np.float64) * (1, -1)
-
-    def instance(self, name: str) -> int:
-        lid = LABEL_BY_NAME[name].id
-        k = self.instances.get(lid, 0)
-        self.instances[lid] = k + 1
-        return lid * 1000 + k
-
-    def poly(self, pts, name: str | None, color, mat: int = FLAT, *, inst: int | None = None,
-             z: float = 0.0, grad: float = 0.0, cyl: float = 0.0) -> None:
-        """Draw one part; `name` makes it a labelled outline, None a detail of the last one."""
-        pts = _clip(np.asarray(pts, np.float64), self.w, self.h)
-        if len(pts) < 3:
-            return
-        pts = np.round(pts).astype(int)
-        flat = [tuple(p) for p in pts.tolist()]
-        if name is not None:
-            lid = LABEL_BY_NAME[name].id
-            self.obj_ids.append((lid, lid if inst is None else inst))
-            self.dl.polygon(flat, fill=len(self.obj_ids) - 1)
-            self.objects.append({"label": name, "polygon": pts.tolist()})
-        (x0, y0), (x1, y1) = pts.min(0), pts.max(0)
-        self.table.append((color, mat, grad, cyl, z, x0, y0, x1 + 1, y1 + 1))
-        self.dp.polygon(flat, fill=len(self.table) - 1)
-
-    def jit(self, color, a: float = 0.08) -> tuple:
-        c = np.asarray(color, float) * self.rng.uniform(1 - a, 1 + a) + self.rng.normal(0, 4, 3)
-        return tuple(np.clip(c, 0, 255))
-
-
-# ---------------------------------------------------------------------------------- objects
-
-
-def _building(sc: _Scene, plane, a1: float, a2: float, height: float, color, z: float) -> None:
-    """One building face with a grid of windows; plane(a, y) -> world (x, y, z), a along it."""
-    rng = sc.rng
-    a, y = np.array([a1, a1, a2, a2]), np.array([0, height, height, 0])
-    sc.poly(sc.project(*plane(a, y)), "building", color, PLASTER, z=z)
-    glass = sc.jit((55, 65, 78), 0.2)
-    bay, floor, ww = rng.uniform(2.4, 3.4), rng.uniform(2.9, 3.4), rng.uniform(0.35, 0.55)
-    shop = rng.random() < 0.5
-    for ac in np.arange(a1 + bay / 2, a2 - bay / 3, bay):
-        a = ac + bay * ww / 2 * np.array([-1, -1, 1, 1])
-        for y0 in np.arange(1.0 if shop else floor * 0.35, height - floor * 0.7, floor):
-            y1 = y0 + (2.4 if shop and y0 < 2 else floor * 0.5)
-            win = sc.project(*plane(a, np.array([y0, y1, y1, y0])))
-            if np.ptp(win[:, 0]) < 0.8:  # windows under a pixel wide only add aliasing
-                break
-            sc.poly(win, None, sc.jit(glass, 0.15), GLASS, grad=0.6, z=z)
-
-
-def _facade(sc: _Scene, sg: int, xb: float, z1: float, z2: float, height: float) -> None:
-    color = np.multiply(sc.jit(_FACADES[sc.rng.integers(len(_FACADES))]), sc.sun[int(sg > 0)])
-    _building(sc, lambda a, y: (sg * xb, y, a), z1, z2, height, tuple(color), (z1 + z2) / 2)
-    if z1 > 1.0:  # the end wall facing us, seen where the previous building is lower or absent
-        _building(sc, lambda a, y: (sg * (xb + a), y, z1), 0, 15, height,
-                  tuple(color * 0.72), z1)
-
-
-def _bumpy_plane(sc: _Scene, sg: int, x: float, z1: float, z2: float, height: float, name: str,
-                 color, mat: int, bump: float) -> None:
-    """A vertical strip along the road (hedge, tree line, wall, fence) with a ragged top."""
-    zs = np.linspace(z1, z2, max(2, int((z2 - z1) / 1.5)))
-    top = height + bump * sc.rng.uniform(-1, 1, len(zs))
-    pts = np.concatenate([sc.project(sg * x, top, zs), sc.project(sg * x, 0, zs[::-1])])
-    sc.poly(pts, name, color, mat, z=(z1 + z2) / 2, grad=0.3)
-
-
-def _tree(sc: _Scene, x: float, z: float, height: float, radius: float) -> None:
-    rng = sc.rng
-    trunk_w = max(0.35, 2.5 * sc.s * z / sc.f)
-    sc.poly(sc.sprite(x, z, [(-trunk_w / 2, 0), (-trunk_w / 2, height), (trunk_w / 2, height),
-                              (trunk_w / 2, 0)]),
-            "vegetation", sc.jit((85, 70, 55)), PLASTER, z=z, cyl=0.5)
-    green = sc.jit((70, 105, 40), 0.15)
-    for _ in range(rng.integers(2, 4)):
-        c = (rng.uniform(-0.5, 0.5) * radius, height + rng.uniform(0.2, 0.9) * radius)
-        r = radius * rng.uniform(0.65, 1.0) * rng.uniform(0.8, 1.15, 14)[:, None]
-        sc.poly(sc.sprite(x, z, c + r * _circle() * (1, 0.85)), "vegetation", green, LEAVES,
-                z=z, grad=0.5)
-
-
-def _pole(sc: _Scene, x: float, z: float, height: float, width: float) -> None:
-    w = max(width, 3.5 * sc.s * z / sc.f)  # at least 3.5 pixels of a 256-wide frame
-    sc.poly(sc.sprite(x, z, [(-w / 2, 0), (-w / 2, height), (w / 2, height), (w / 2, 0)]),
-            "pole", sc.jit((120, 128, 140)), METAL, z=z, cyl=0.6)
-
-
-def _sign(sc: _Scene, x: float, z: float) -> None:
-    rng = sc.rng
-    height, size = rng.uniform(2.2, 3.0), max(0.7, 9 * sc.s * z / sc.f)
-    _pole(sc, x, z, height, 0.1)
-    kind, c = rng.integers(4), np.array((0, height + size / 2))
-    if kind == 0:  # round prohibition sign: red ring, white face
-        sc.poly(sc.sprite(x, z, c + size / 2 * _circle(16)), "traffic sign", (200, 30, 35), z=z)
-        sc.poly(sc.sprite(x, z, c + size * 0.36 * _circle(16)), None, (235, 235, 235), z=z)
-    elif kind == 1:  # blue square
-        sq = c + size / 2 * np.array([(-1, -1), (-1, 1), (1, 1), (1, -1)])
-        sc.poly(sc.sprite(x, z, sq), "traffic sign", (30, 80, 175), z=z)
-        sc.poly(sc.sprite(x, z, c + size * 0.25 * np.array([(-1, 0), (0, 1), (1, 0)])), None,
-                (235, 235, 235), z=z)
-    elif kind == 2:  # yellow priority diamond
-        sc.poly(sc.sprite(x, z, c + size / 2 * np.array([(-1, 0), (0, 1), (1, 0), (0, -1)])),
-                "traffic sign", (245, 195, 15), z=z)
-    else:  # warning triangle
-        tri = c + size / 2 * np.array([(-1, -0.8), (0, 1), (1, -0.8)])
-        sc.poly(sc.sprite(x, z, tri), "traffic sign", (205, 30, 35), z=z)
-        sc.poly(sc.sprite(x, z, c + size * 0.3 * np.array([(-1, -0.6), (0, 0.8), (1, -0.6)])),
-                None, (235, 235, 235), z=z)
-
-
-def _light(sc: _Scene, x: float, z: float) -> None:
-    rng = sc.rng
-    height = rng.uniform(2.4, 3.6)
-    _pole(sc, x, z, height, 0.14)
-    bw = max(0.4, 6 * sc.s * z / sc.f)
-    bh = 2.6 * bw
-    box = [(-bw / 2, height), (-bw / 2, height + bh), (bw / 2, height + bh), (bw / 2, height)]
-    sc.poly(sc.sprite(x, z, box), "traffic light", (32, 33, 35), z=z, grad=0.3)
-    lit = rng.integers(3)
-    for i, col in enumerate([(240, 40, 30), (245, 180, 20), (40, 220, 90)]):
-        on = col if i == lit else tuple(0.3 * np.array(col) + 20)
-        c = (0, height + bh * (0.8 - 0.3 * i))
-        sc.poly(sc.sprite(x, z, c + bw * 0.32 * _circle(10)), None, on, LAMP, z=z)
-
-
-def _person(sc: _Scene, x: float, z: float, lean: float = 0.0) -> None:
-    rng, rider = sc.rng, lean != 0
-    name = "rider" if rider else "person"
-    inst, h = sc.instance(name), rng.uniform(1.6, 1.9)
-    shirt = sc.jit(_SPORT[rng.integers(len(_SPORT))] if rider else
-                   _TOPS[rng.integers(len(_TOPS))])
-    legs = sc.jit((30, 30, 35) if rider else _TROUSERS[rng.integers(len(_TROUSERS))])
-    skin = sc.jit(_SKIN[rng.integers(4)])
-    hip = 0.95 if rider else 0.5 * h
-    stride = 0.25 if rider else rng.uniform(0, 0.22)
-    top, b = hip + 0.32 * h, rng.uniform(0.95, 1.15)  # shoulders, build
-    for sx in (-b, b):  # legs, then arms
-        foot = (sx * (0.1 + stride), 0.3 if rider else 0)
-        sc.poly(sc.sprite(x, z, [(sx * 0.02, hip), (sx * 0.19, hip), (foot[0] + sx * 0.08, foot[1]),
-                                 (foot[0] - sx * 0.08, foot[1])]), name, legs, z=z, inst=inst)
-    body = [(-0.19 * b, hip - 0.03), (-0.23 * b + lean, top), (0.23 * b + lean, top),
-            (0.19 * b, hip - 0.03)]
-    sc.poly(sc.sprite(x, z, body), name, shirt, z=z, inst=inst, grad=0.3)
-    for sx in (-b, b):
-        arm = [(sx * 0.17 + lean, top), (sx * 0.28 + lean, top - 0.02),
-               (sx * 0.27 + lean * 1.6, hip + 0.02), (sx * 0.17 + lean * 1.6, hip + 0.04)]
-        sc.poly(sc.sprite(x, z, arm), name, shirt, z=z, inst=inst)
-    head, r = np.array((lean * 1.1, top + 0.09)), 0.115
-    sc.poly(sc.sprite(x, z, head + r * _circle() * (0.85, 1)), name, skin, z=z, inst=inst)
-    cap = (250, 250, 250) if rider else sc.jit((50, 35, 25), 0.3)  # helmet or hair
-    sc.poly(sc.sprite(x, z, head + r * _circle()[:8] * (0.85, 1)), None, cap, z=z)
-
-
-def _bicycle(sc: _Scene, x: float, z: float, ridden: bool) -> None:
-    rng = sc.rng
-    inst, d = sc.instance("bicycle"), rng.choice([-1, 1])
-    frame, r = sc.jit(_BIKES[rng.integers(len(_BIKES))]), 0.34
-    t = max(0.06, 2 * sc.s * z / sc.f) / 2  # tube half-thickness
-    for u in (-0.52, 0.52):
-        sc.poly(sc.sprite(x, z, (u, r) + r * _circle(16)), "bicycle", (22, 22, 24), z=z,
-                inst=inst)
-        sc.poly(sc.sprite(x, z, (u, r) + r * 0.78 * _circle(16)), None, (140, 140, 145), z=z)
-    joints = np.array([(-0.52 * d, r), (-0.12 * d, 0.9), (0.0, 0.32), (0.42 * d, 0.92),
-                       (0.52 * d, r), (0.36 * d, 1.05)])
-    for a, b in ((0, 1), (1, 2), (0, 2), (2, 3), (1, 3), (3, 4), (3, 5)):
-        p, q = joints[a], joints[b]
-        n = np.array((q[1] - p[1], p[0] - q[0])) / np.hypot(*(q - p)) * t
-        sc.poly(sc.sprite(x, z, [p + n, q + n, q - n, p - n]), "bicycle", frame, z=z, inst=inst)
-    if ridden:
-        _person(sc, x - 0.12 * d, z, lean=0.25 * d)
-
-
-def _vehicle(sc: _Scene, kind: str, xc: float, z1: float, front: bool) -> None:
-    """A car, truck or bus as a box: its end face and, if visible, its side face."""
-    rng = sc.rng
-    width, length, height = {"car": (rng.uniform(1.7, 1.9), rng.uniform(4.0, 4.8), 1.5),
-                             "truck": (2.5, rng.uniform(7, 9), rng.uniform(3.2, 3.7)),
-                             "bus": (2.55, 12.0, 3.1)}[kind]
-    inst = sc.instance(kind)
-    color = {"car": _CARS[rng.integers(len(_CARS))], "truck": (228, 228, 225),
-             "bus": (230, 185, 40)}[kind]
-    color = sc.jit(color, 0.06)
-    glass, dark = (40, 48, 58), (20, 20, 22)
-    xs = xc - np.sign(xc) * width / 2  # the side facing the camera's axis
-    if abs(xc) > width / 2:
-        shade = tuple(np.multiply(color, 0.8))
-        if kind == "car":
-            side = [(0, 0), (0, .9), (.24, .93), (.34, 1.5), (.78, 1.5), (.9, .95), (1, .9), (1, 0)]
-            wins = [[(.3, .97), (.37, 1.42), (.76, 1.42), (.86, .97)]]
-        elif kind == "bus":
-            side = [(0, 0), (0, 3.1), (1, 3.1), (1, 0)]
-            wins = [[(a + .01, 1.2), (a + .01, 2.6), (a + .09, 2.6), (a + .09, 1.2)]
-                    for a in np.arange(0, 1, 0.1)]
-        else:
-            side = [(0, 0.4), (0, height), (.76, height), (.76, 0.4), (.79, 0.4), (.79, 2.9),
-                    (.95, 2.9), (1, 2.2), (1, 0)]
-            wins = [[(.82, 1.9), (.82, 2.7), (.95, 2.7), (.985, 1.9)]]
-            wins = wins if not front else [[(1 - a, b) for a, b in wins[0]]]
-            side = side if not front else [(1 - a, b) for a, b in side]
-        t, v = np.array(side).T
-        sc.poly(sc.project(xs, v, z1 + t * length), kind, shade, z=z1, grad=0.3, inst=inst)
-        sc.poly(sc.project(xs, [0, 0.3, 0.3, 0], z1 + length * np.array([0, 0, 1, 1])), None,
-                dark, z=z1)
-        for w in wins:
-            t, v = np.array(w).T
-            sc.poly(sc.project(xs, v, z1 + t * length), None, glass, GLASS, z=z1, grad=0.5)
-        r = 0.33 if kind == "car" else 0.5
-        for t in (0.17, 0.83) if kind != "bus" else (0.15, 0.72):
-            c = _circle(12) * r + (z1 + t * length, r)
-            sc.poly(sc.project(xs, c[:, 1], c[:, 0]), None, dark, z=z1)
-            sc.poly(sc.project(xs, c[:, 1] * .5 + r * .5, (c[:, 0] - c[:, 0].mean()) * .5 +
-                               c[:, 0].mean()), None, (120, 120, 124), METAL, z=z1)
-    u = np.array([-.5, -.5, -.4, .4, .5, .5]) if kind == "car" else np.array([-.5, -.5, .5, .5])
-    v = [0, .9, height, height, .9, 0] if kind == "car" else [0, height, height, 0]
-    sc.poly(sc.project(xc + u * width, v, z1), kind, color, z=z1, grad=0.4, inst=inst)
-
-    def rect(u0, u1, v0, v1, col, mat=FLAT, grad=0.0):
-        sc.poly(sc.project(xc + np.array([u0, u0, u1, u1]) * width, [v0, v1, v1, v0], z1),
-                None, col, mat, z=z1, grad=grad)
-
-    rect(-.5, .5, 0, .28, dark)
-    top = {"car": (.96, 1.42, .36), "truck": (2.0, 2.9, .4), "bus": (1.3, 2.8, .45)}[kind]
-    if kind != "truck" or front:
-        rect(-top[2], top[2], top[0], top[1], glass, GLASS, 0.5)
-    else:  # the cargo box's doors
-        rect(-.01, .01, .5, height - .1, tuple(np.multiply(color, .7)))
-    lamp = (245, 240, 210) if front else (200, 20, 20)
-    for sx in (-1, 1):
-        rect(sx * .44, sx * .32, .62, .76, lamp, LAMP)
-    rect(-.13, .13, .34, .46, (225, 225, 220))  # number plate
-
-
-def _static(sc: _Scene, x: float, z: float) -> None:
-    rng = sc.rng
-    kind = rng.integers(3)
-    if kind == 0:  # litter bin
-        pts, col = [(-.3, 0), (-.3, 1.0), (.3, 1.0), (.3, 0)], sc.jit((60, 75, 65), 0.2)
-    elif kind == 1:  # advertising pillar
-        pts, col = [(-.6, 0), (-.6, 2.8), (-.5, 3.0), (.5, 3.0), (.6, 2.8), (.6, 0)], (190, 90, 60)
-    else:  # electrical cabinet
-        pts, col = [(-.5, 0), (-.5, 1.3), (.5, 1.3), (.5, 0)], sc.jit((150, 155, 140))
-    sc.poly(sc.sprite(x, z, pts), "static", col, PLASTER, z=z, cyl=0.4)
-
-
 # ---------------------------------------------------------------------------------- the street
 
 
-def _ground(sc: _Scene, x1: float, x2: float, z1: float, z2: float, name: str | None, color,
+def _ground(sc: scene.Scene, x1: float, x2: float, z1: float, z2: float, name: str | None, color,
             mat: int) -> None:
     if name is not None:  # overlap the neighbours a little: no unlabelled seams between them
         x1, x2, z1, z2 = min(x1, x2) - 0.04, max(x1, x2) + 0.04, max(z1 - 0.05, 0.3), z2 + 0.05
     sc.poly(sc.project([x1, x2, x2, x1], 0, [z1, z1, z2, z2]), name, color, mat, z=-1)
 
 
-def _side(sc: _Scene, sg: int, edge: float, zb: float, items: list) -> None:
+def _side(sc: scene.Scene, sg: int, edge: float, zb: float, items: list) -> None:
     """Buildings and parks along one side (sg = +1 right, -1 left) beyond the sidewalk."""
     rng, z = sc.rng, 0.5
     grass = sc.jit((135, 160, 70), 0.08)
@@ -388,9 +71,8 @@ def _side(sc: _Scene, sg: int, edge: float, zb: float, items: list) -> None:
             "wall": ("wall", (150, 78, 58), BRICK, 0, 1.2, 2.6),
             "fence": ("fence", (170, 135, 90), PLANKS, 0, 1.2, 2.0),
             "hedge": ("vegetation", (55, 95, 35), LEAVES, 0.25, 0.8, 1.6)}[kind]
-        items.append((edge + 0.1, z1, _bumpy_plane, (sg, edge + 0.1, z1, z2,
-                                                     rng.uniform(low, high), name, sc.jit(color),
-                                                     mat, bump)))
+        args = (sg, edge + 0.1, z1, z2, rng.uniform(low, high), name, sc.jit(color), mat, bump)
+        items.append((edge + 0.1, z1, scene.bumpy_plane, args))
 
     while z < zb:
         z2 = min(zb, z + rng.uniform(10, 32))
@@ -400,30 +82,31 @@ def _side(sc: _Scene, sg: int, edge: float, zb: float, items: list) -> None:
             if setback:
                 _ground(sc, sg * edge, sg * (xb + 0.5), z, z2, "terrain", grass, GRASS)
                 front(rng.choice(["wall", "fence", "hedge"], p=[0.45, 0.3, 0.25]), z, z2)
-            items.append((xb, z, _facade, (sg, xb, z, z2, rng.uniform(9, 26))))
+            items.append((xb, z, scene.facade, (sg, xb, z, z2, rng.uniform(9, 26))))
         else:  # a park: grass, a tree line behind, trees, often a wall, fence or hedge in front
             _ground(sc, sg * edge, sg * 400, z, z2, "terrain", grass, GRASS)
             back = edge + rng.uniform(14, 30)
-            items.append((back, z, _bumpy_plane, (sg, back, z, z2, rng.uniform(6, 12),
-                                                  "vegetation", sc.jit((50, 85, 35)), LEAVES, 2)))
+            args = (sg, back, z, z2, rng.uniform(6, 12), "vegetation", sc.jit((50, 85, 35)),
+                    LEAVES, 2)
+            items.append((back, z, scene.bumpy_plane, args))
             for zt in np.arange(z + rng.uniform(2, 8), z2, rng.uniform(7, 12)):
                 xt = edge + rng.uniform(3, 12)
-                items.append((xt, zt, _tree, (sg * xt, zt, rng.uniform(2, 3.5),
-                                              rng.uniform(2, 3.5))))
+                items.append((xt, zt, scene.tree, (sg * xt, zt, rng.uniform(2, 3.5),
+                                                   rng.uniform(2, 3.5))))
             kind = rng.choice(["wall", "fence", "hedge", ""], p=[0.25, 0.35, 0.2, 0.2])
             if kind:
                 front(kind, z, z2)
         z = z2
 
 
-def _backdrop(sc: _Scene, zb: float) -> None:
+def _backdrop(sc: scene.Scene, zb: float) -> None:
     """The far end of the street: a row of distant blocks and trees across the view."""
     rng, x = sc.rng, -260.0
     while x < 260:
         x2 = x + rng.uniform(12, 40)
         if rng.random() < 0.7:
-            col = tuple(np.multiply(sc.jit(_FACADES[rng.integers(len(_FACADES))]), 0.9))
-            _building(sc, lambda a, y: (a, y - 0.5, zb), x, x2, rng.uniform(6, 22), col, zb)
+            col = tuple(np.multiply(sc.jit(FACADES[rng.integers(len(FACADES))]), 0.9))
+            scene.building(sc, lambda a, y: (a, y - 0.5, zb), x, x2, rng.uniform(6, 22), col, zb)
         else:
             xs = np.linspace(x, x2, 8)
             top = rng.uniform(6, 14) + rng.uniform(-2, 2, 8)
@@ -432,7 +115,7 @@ def _backdrop(sc: _Scene, zb: float) -> None:
         x = x2
 
 
-def _sidewalk(sc: _Scene, sg: int, kerb: float, zb: float, paving, items: list,
+def _sidewalk(sc: scene.Scene, sg: int, kerb: float, zb: float, paving, items: list,
               street: list) -> None:
     """One side beyond the kerb: grass verge, sidewalk and what stands on it, then _side."""
     rng = sc.rng
@@ -446,22 +129,22 @@ def _sidewalk(sc: _Scene, sg: int, kerb: float, zb: float, paving, items: list,
         _ground(sc, sg * edge, sg * (edge + 0.25), 0.5, zb, None, (190, 190, 186), PAVING)
     _side(sc, sg, edge + width, zb, items)
     for zp in np.arange(rng.uniform(6, 20), 38, rng.uniform(18, 28)):  # street lamps
-        street.append((zp, _pole, (sg * (kerb + 0.5), zp, rng.uniform(6, 9), 0.25)))
+        street.append((zp, scene.pole, (sg * (kerb + 0.5), zp, rng.uniform(6, 9), 0.25)))
     for zs in rng.uniform(7, 28, rng.integers(0, 3)):
-        street.append((zs, _sign, (sg * (kerb + 0.45), zs)))
+        street.append((zs, scene.traffic_sign, (sg * (kerb + 0.45), zs)))
     if rng.random() < (0.8 if verge else 0.4):
         for zt in np.arange(rng.uniform(7, 14), 45, rng.uniform(9, 14)):
-            street.append((zt, _tree, (sg * (kerb + max(verge / 2, 1.0)), zt,
-                                       rng.uniform(2.5, 3.5), rng.uniform(1.8, 3.0))))
+            street.append((zt, scene.tree, (sg * (kerb + max(verge / 2, 1.0)), zt,
+                                            rng.uniform(2.5, 3.5), rng.uniform(1.8, 3.0))))
     for zq in rng.uniform(6.5, 24, rng.poisson(2.5)):
-        street.append((zq, _person, (sg * (edge + rng.uniform(0.5, width - 0.4)), zq)))
+        street.append((zq, scene.person, (sg * (edge + rng.uniform(0.5, width - 0.4)), zq)))
     for zq in rng.uniform(7, 20, rng.poisson(0.8)):  # parked bicycles
-        street.append((zq, _bicycle, (sg * (edge + width - 0.5), zq, False)))
+        street.append((zq, scene.bicycle, (sg * (edge + width - 0.5), zq, False)))
     for zq in rng.uniform(7, 35, rng.poisson(0.8)):  # bins, pillars, cabinets: 'static'
-        street.append((zq, _static, (sg * (edge + rng.uniform(0.9, width - 0.5)), zq)))
+        street.append((zq, scene.static, (sg * (edge + rng.uniform(0.9, width - 0.5)), zq)))
 
 
-def _build(sc: _Scene) -> None:
+def _build(sc: scene.Scene) -> None:
     rng = sc.rng
     zb = rng.uniform(90, 150)  # where the street ends in a row of distant blocks
     horizon = sc.sky_bottom = sc.project(0, 0, zb)[0, 1] + 1
@@ -499,11 +182,11 @@ def _build(sc: _Scene) -> None:
         if (sg > 0 and parking) or rng.random() < 0.3:  # cars parked along the kerb
             for zp in np.arange(rng.uniform(3, 8), 70, rng.uniform(5.2, 7)):
                 if rng.random() < 0.75:
-                    street.append((zp, _vehicle, ("car", sg * (kerb - 1.2), zp, sg < 0)))
+                    street.append((zp, scene.vehicle, ("car", sg * (kerb - 1.2), zp, sg < 0)))
     if rng.random() < 0.6:  # a crossing with traffic lights and a zebra
         zi = rng.uniform(10, 20)
-        street.append((zi, _light, (xr + 2.3 * parking + 0.4, zi)))
-        street.append((zi, _light, (xl - 0.4, zi)))
+        street.append((zi, scene.traffic_light, (xr + 2.3 * parking + 0.4, zi)))
+        street.append((zi, scene.traffic_light, (xl - 0.4, zi)))
         for xz in np.arange(xl + 0.5, xr - 0.6, 1.0):
             _ground(sc, xz, xz + 0.5, zi - 3.5, zi - 0.5, None, white, FLAT)
     for k in range(-n_left, n_right + 1):  # traffic
@@ -511,11 +194,11 @@ def _build(sc: _Scene) -> None:
         while zv < 90:
             kind = rng.choice(["car", "truck", "bus"], p=[0.8, 0.1, 0.1])
             if rng.random() < 0.6:
-                street.append((zv, _vehicle, (kind, k * lane + rng.uniform(-.3, .3), zv,
-                                              k < oncoming - n_left)))
+                street.append((zv, scene.vehicle, (kind, k * lane + rng.uniform(-.3, .3), zv,
+                                                   k < oncoming - n_left)))
             zv += rng.uniform(12, 30) + (8 if kind != "car" else 0)
     for zc in rng.uniform(8, 22, rng.poisson(0.8)):  # cyclists near the right kerb
-        street.append((zc, _bicycle, (xr - 1.0, zc, True)))
+        street.append((zc, scene.bicycle, (xr - 1.0, zc, True)))
 
     for _, _, draw, args in sorted(items, key=lambda t: (-t[0], -t[1])):
         draw(sc, *args)
@@ -544,7 +227,7 @@ def _haze(z: np.ndarray) -> np.ndarray:
     return 0.35 * (1 - np.exp(-np.maximum(z, 0) / 140))
 
 
-def _render(sc: _Scene) -> np.ndarray:
+def _render(sc: scene.Scene) -> np.ndarray:
     rng, h, w, s = sc.rng, sc.h, sc.w, sc.s
     part = np.asarray(sc.parts, np.int32)
     cols = list(zip(*sc.table))
@@ -603,7 +286,7 @@ def _png(array: np.ndarray, level: int) -> bytes:
 
 def render_frame(size: tuple[int, int], rng: np.random.Generator):
     """One scene in memory: (RGB HxWx3 uint8, labelIds uint8, instanceIds uint16, polygons)."""
-    sc = _Scene(size, rng)
+    sc = scene.Scene(size, rng)
     _build(sc)
     ids = np.array(sc.obj_ids)
     outline = np.asarray(sc.labels, np.int32)

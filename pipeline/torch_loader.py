@@ -15,7 +15,7 @@ from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
 from pipeline.loader import Loader, worker_error
-from pipeline.sampling import Augment, Plan, ShardReader, draw_augment
+from pipeline.sampling import Augment, Plan, ShardReader, draw_augment, ignore_ctrl_c
 from pipeline.shards import ShardError
 
 
@@ -87,7 +87,8 @@ class TorchLoader(Loader):
                                self.size)
         extra = {}
         if self.workers > 0:  # spawn, not fork: the trainer may already hold a CUDA context
-            extra = dict(multiprocessing_context="spawn", persistent_workers=True)
+            extra = dict(multiprocessing_context="spawn", persistent_workers=True,
+                         worker_init_fn=ignore_ctrl_c)
         return DataLoader(dataset, batch_sampler=self._sampler, num_workers=self.workers,
                           pin_memory=self.device.type == "cuda", **extra)
 

@@ -7,12 +7,17 @@ import os
 import pickle
 import random
 import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from test_train import blocks, tiny
 
+from pipeline.loader import dali_available
 from train import engine
 from train.checkpoint import (
     CheckpointError,
@@ -156,3 +161,45 @@ def test_architecture_and_class_mismatches_name_both_sides(tmp_path):
     with pytest.raises(CheckpointError, match=r"predicts 2 classes \(road, sidewalk\) but "
                                               r"data/x has 4 \(background, road, sky, car\)"):
         check_classes(state, ["background", "road", "sky", "car"], tmp_path / "c.pt", "data/x")
+
+
+REPO = Path(__file__).resolve().parents[1]
+CTRL_C_DRIVER = """
+import signal, sys
+# a test run from a background shell inherits SIGINT ignored, and so would the loader's
+# workers; a terminal's Ctrl-C is not ignored anywhere
+signal.signal(signal.SIGINT, signal.default_int_handler)
+from train.cli import main
+main(sys.argv[1:])
+"""
+
+
+@pytest.mark.parametrize("backend", [
+    pytest.param("dali", marks=pytest.mark.skipif(not dali_available(), reason="no DALI")),
+    "torch"])
+def test_ctrl_c_with_loader_workers_saves_and_exits_cleanly(shards, tmp_path, backend):
+    out = tmp_path / "run"
+    args = ["fit", "--data", shards, "--out", out, "--epochs", "1000", "--batch-size", "2",
+            "--crop", "32x64", "--width", "4", "--depth", "2", "--amp", "off", "--workers", "1",
+            "--backend", backend, "--device", "cpu", "--no-progress"]
+    proc = subprocess.Popen([sys.executable, "-c", CTRL_C_DRIVER, *map(str, args)], cwd=REPO,
+                            start_new_session=True, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    metrics = out / "metrics.csv"
+    while not metrics.exists() or len(_rows(out)) < 2:  # the workers are up and serving
+        assert proc.poll() is None, proc.communicate()[1]
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole group
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "stopped by SIGINT" in err and "continue with --resume" in err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert (out / "checkpoints" / "last.pt").is_file()
+    while True:  # the loader's worker processes end with the run
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            break
+        assert time.monotonic() < deadline, "loader workers outlived the run"
+        time.sleep(0.05)
