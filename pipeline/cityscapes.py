@@ -103,25 +103,22 @@ def find_pairs(root: Path, split: str, mode: str = "fine") -> list[Pair]:
     label_re = re.compile(rf"^{_STEM}_{gt}_labelIds\.png$")
     labels = _scan(root / gt / split, label_re)
 
-    missing = sorted(images.keys() - labels.keys())
-    if missing:
-        name = missing[0]
-        more = f" ({len(missing) - 1} more images lack labels)" if len(missing) > 1 else ""
-        expected = root / gt / split / images[name].parent.name
-        raise DatasetError(
-            f"{images[name]}: image without label; expected "
-            f"{expected / f'{name}_{gt}_labelIds.png'}{more}"
-        )
-    orphans = sorted(labels.keys() - images.keys())
-    if orphans:
-        name = orphans[0]
-        more = f" ({len(orphans) - 1} more labels lack images)" if len(orphans) > 1 else ""
-        expected = root / IMAGE_DIR / split / labels[name].parent.name
-        raise DatasetError(
-            f"{labels[name]}: label without image; expected "
-            f"{expected / f'{name}_{IMAGE_DIR}.png'}{more}"
-        )
+    _unpaired(images, labels, "image without label", "images lack labels",
+              root / gt / split, f"_{gt}_labelIds.png")
+    _unpaired(labels, images, "label without image", "labels lack images",
+              root / IMAGE_DIR / split, f"_{IMAGE_DIR}.png")
     return [Pair(images[n], labels[n], n, city_of(n)) for n in sorted(images)]
+
+
+def _unpaired(these: dict[str, Path], those: dict[str, Path], problem: str, plural: str,
+              other_split: Path, other_suffix: str) -> None:
+    """The first of `these` without a partner in `those` is an error naming both paths."""
+    lonely = sorted(these.keys() - those.keys())
+    if lonely:
+        name = lonely[0]
+        more = f" ({len(lonely) - 1} more {plural})" if len(lonely) > 1 else ""
+        expected = other_split / these[name].parent.name / f"{name}{other_suffix}"
+        raise DatasetError(f"{these[name]}: {problem}; expected {expected}{more}")
 
 
 def _png_error(path: Path, data: bytes) -> DatasetError:
