@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from cityscapesscripts.helpers.labels import id2label
 from PIL import Image
+from test_preprocess import read_split
 
 from pipeline.labels import get_mapping
 from pipeline.shards import (
@@ -26,21 +27,10 @@ TRAINID = np.array([id2label[i].trainId if i in id2label else 255 for i in range
 TRAINID = np.where((TRAINID < 0) | (TRAINID > 18), 255, TRAINID).astype(np.uint8)
 
 
-def load_split(data_dir, split):
-    manifest = load_manifest(data_dir)
-    images, labels, names = [], [], []
-    for entry in manifest["splits"][split]["shards"]:
-        with h5py.File(data_dir / entry["file"], "r") as f:
-            images.append(f["image"][()])
-            labels.append(f["label"][()])
-            names += [n.decode() for n in f["name"][()]]
-    return np.concatenate(images), np.concatenate(labels), names
-
-
 @pytest.mark.parametrize("split", ["train", "val"])
 def test_contents_equal_an_independent_remap_and_resize(city, shards, split):
     sources = sorted((city / "leftImg8bit" / split).glob("*/*_leftImg8bit.png"))
-    images, labels, names = load_split(shards, split)
+    images, labels, names = read_split(shards, split)
     assert names == [p.name[: -len("_leftImg8bit.png")] for p in sources]
     for i, src in enumerate(sources):
         rgb = np.asarray(Image.open(src).convert("RGB")).astype(np.int32)
@@ -64,7 +54,7 @@ def test_manifest_numbers_match_the_shards(city, shards):
     for split in ("train", "val"):
         for entry in manifest["splits"][split]["shards"]:
             assert sha256_file(shards / entry["file"]) == entry["sha256"]
-    images, labels, _ = load_split(shards, "train")
+    images, labels, _ = read_split(shards, "train")
     x = images.reshape(-1, 3) / 255.0
     assert np.allclose(manifest["mean"], x.mean(0), atol=1e-9)
     assert np.allclose(manifest["std"], x.std(0), atol=1e-9)
