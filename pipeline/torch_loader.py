@@ -1,9 +1,9 @@
 """The fallback loader for machines without DALI (macOS, aarch64): torch DataLoader + v2 transforms.
 
 Same contract, same sample order and the same random values as the DALI graph (both come from
-`pipeline.sampling`), and the same colour jitter and normalization on the
-device (`Loader` applies them to both); only the geometry kernels differ: torchvision's v2
-functionals on an `Image` and a `Mask` (nearest, never blended) in spawned worker processes.
+`pipeline.sampling`), and the same colour jitter and normalization on the device (`Loader`
+applies them to both); only the geometry kernels differ: torchvision's v2 functionals on an
+`Image` and a `Mask` (nearest, never blended) in spawned worker processes.
 """
 
 from __future__ import annotations
