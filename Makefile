@@ -11,15 +11,20 @@ DATA ?= $(OUT)
 GPUS ?= 1
 EPOCHS ?= 100
 RUN ?= runs/cityscapes-$(SIZE)
+# The DALI build: cuda13 matches torch's default wheels; CUDA=12 for a CUDA 12 torch.
+CUDA ?= 13
+OTHER_CUDA := $(if $(filter 12,$(CUDA)),13,12)
 
-.PHONY: install test demo preprocess train bench lint clean
+.PHONY: install test demo preprocess train bench gpu-report lint clean
 
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	@# two DALI builds in one environment overwrite each other's files: keep one
+	$(BIN)/python -m pip uninstall -q -y nvidia-dali-cuda$(OTHER_CUDA)0 2>/dev/null || true
+	$(BIN)/python -m pip install -q -e '.[dev,cuda$(CUDA)]'
 	touch $(STAMP)
 
 test: install
@@ -47,6 +52,11 @@ bench: install
 		for amp in off bf16; do $(BIN)/citytrain bench --crop 128x256 --width 16 --depth 4 \
 			--steps 6 --device cpu --amp $$amp || exit 1; done; \
 	fi
+
+# On a CUDA machine: the GPU figures (a few minutes), then the suite with its CUDA-only tests.
+gpu-report: install
+	$(BIN)/citytrain gpu-report --out runs/gpu-report
+	$(BIN)/python -m pytest -q -rs
 
 clean:
 	rm -rf runs/demo runs/bench

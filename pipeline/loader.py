@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.photometric import jitter_normalize
+from pipeline.photometric import Normalizer
 from pipeline.sampling import (
     Augment,
     Plan,
@@ -67,7 +67,7 @@ class ShardSource:
 
 
 # -- the graph: `params` is the per-sample vector of `draw_augment`; slicing it feeds the same
-# draw to image and label. Both leave as uint8 HWC; `jitter_normalize` takes it from there.
+# draw to image and label. Both leave as uint8 HWC; `photometric.Normalizer` takes it from there.
 
 def scale_crop_flip(image, label, params):
     """Resize the random source window (mirrored when flipped) to the output size.
@@ -136,15 +136,36 @@ class Loader:
         self.num_samples, self.batch_size, self.train = (
             plan.num_samples, plan.batch_size, plan.train)
         self.epoch, self._batch, self._resume = 0, 0, False
+        self._normalize = Normalizer(self.mean, self.std, dtype)
 
     def __len__(self) -> int:
         return self.plan.batches
 
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.plan.world_size
+
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "batch": self._batch}
+        return {"epoch": self.epoch, "batch": self._batch, "global_batch": self.global_batch}
 
     def load_state_dict(self, state: dict) -> None:
+        """Continue where `state` stopped, also with another number of processes.
+
+        Global batch b of an epoch is the b-th block of one permutation whatever the world
+        size, so a position carries over exactly when this run's global batch divides the
+        images already read this epoch; otherwise it is a ValueError saying so.
+        """
         epoch, batch = int(state["epoch"]), int(state.get("batch", 0))
+        saved = int(state.get("global_batch", self.global_batch))
+        if batch and saved != self.global_batch:
+            read = batch * saved
+            if read % self.global_batch:
+                raise ValueError(
+                    f"the checkpoint stopped {read} images into epoch {epoch + 1} ({batch} "
+                    f"global batches of {saved}); this run's global batch of "
+                    f"{self.global_batch} ({self.batch_size} per process x "
+                    f"{self.plan.world_size}) does not divide {read}")
+            batch = read // self.global_batch
         if len(self) and batch >= len(self):
             epoch, batch = epoch + batch // len(self), batch % len(self)
         self.epoch, self._batch, self._resume = epoch, batch, True
@@ -159,15 +180,14 @@ class Loader:
             return
         jitter = self.aug is not None and self.aug.jitter > 0
         for image, label, index, params in self._batches(epoch, start):
-            image = jitter_normalize(image, params[:, 7:] if jitter else None, self.mean,
-                                     self.std, self.dtype)
+            image = self._normalize(image, params[:, 7:] if jitter else None)
             if self.channels_last:
                 image = image.contiguous(memory_format=torch.channels_last)
-            label = label.reshape(label.shape[:3]).to(self.device).long()
+            label = label.reshape(label.shape[:3]).to(self.device, non_blocking=True).long()
             # the position moves on as a batch is handed out: after the last, the next epoch
             done = self._batch + 1
             self.epoch, self._batch = (epoch + 1, 0) if done == len(self) else (epoch, done)
-            yield {"image": image, "label": label, "index": index.reshape(-1).to(self.device)}
+            yield {"image": image, "label": label, "index": index.reshape(-1)}  # on the CPU
 
     def _batches(self, epoch: int, start: int):
         raise NotImplementedError
@@ -194,6 +214,9 @@ class DaliLoader(Loader):
 
         self.close()
         gpu = self.device.type == "cuda"
+        if gpu and (problem := dali_cuda_mismatch()) and not _noticed.count(problem):
+            print(f"warning: {problem}", file=sys.stderr)
+            _noticed.append(problem)
         source = ShardSource(ShardReader(self.files, self.counts), self.plan, self.aug,
                              self.size, start)
         self._pipe = pipeline_def(segmentation_graph)(
@@ -237,17 +260,6 @@ class DaliLoader(Loader):
 
 # -- building ----------------------------------------------------------------------------------
 
-def resolve_device(device: str | torch.device) -> torch.device:
-    """'auto' -> this process's GPU when CUDA is there, else the CPU; 'cuda' -> the local GPU."""
-    if str(device) == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        local = os.environ.get("LOCAL_RANK")
-        device = torch.device("cuda", int(local) if local else torch.cuda.current_device())
-    return device
-
-
 def dali_available() -> bool:
     try:
         import nvidia.dali  # noqa: F401
@@ -256,19 +268,34 @@ def dali_available() -> bool:
     return True
 
 
+def dali_cuda_mismatch() -> str | None:
+    """Why the installed DALI build does not suit torch's CUDA, or None when it does."""
+    import nvidia.dali
+
+    dali = int(getattr(nvidia.dali, "__cuda_version__", 0)) // 1000
+    ours = int(str(torch.version.cuda or "0").split(".")[0])
+    if not dali or not ours or dali == ours:
+        return None
+    return (f"nvidia-dali is built for CUDA {dali} and torch for CUDA {ours}: two CUDA "
+            f"runtimes in one process; install the matching build: pip install -e "
+            f"'.[cuda{ours}]' (make install CUDA={ours})")
+
+
 _noticed = []
 
 
 def build_loader(data_dir: str | Path, split: str, batch_size: int, *, train: bool,
                  crop: tuple[int, int] = (512, 1024), scale: tuple[float, float] = (0.5, 2.0),
                  flip: bool = True, jitter: float = 0.2, mean=None, std=None, rank: int = 0,
-                 world_size: int = 1, seed: int = 0, device: str | torch.device = "auto",
+                 world_size: int = 1, seed: int = 0, device: torch.device | str = "auto",
                  workers: int | None = None, dtype: torch.dtype = torch.float32,
                  channels_last: bool = False, backend: str = "auto") -> Loader:
     """A loader over `split` of the shard folder `data_dir`; see "Loader contract" in DESIGN.md.
 
     `crop` is (H, W); `workers` reader processes (None: the CPUs per local rank; 0: read in
-    this process); `backend` "dali", "torch" or "auto" (DALI when importable).
+    this process); `backend` "dali", "torch" or "auto" (DALI when importable). `device` is
+    the process's device as `train.distributed.setup` chose it (a string goes through the same
+    `local_device`), so model and loader always agree.
     """
     if batch_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"need batch_size >= 1 and 0 <= rank < world_size, got {batch_size}, "
@@ -285,6 +312,10 @@ def build_loader(data_dir: str | Path, split: str, batch_size: int, *, train: bo
             _noticed.append(True)
     elif backend == "dali" and not dali_available():
         raise ImportError("backend='dali' needs nvidia-dali (Linux x86_64); use backend='torch'")
+    if not isinstance(device, torch.device):
+        from train.distributed import local_device  # the one owner of the device choice
+
+        device = local_device(device)
     data_dir = Path(data_dir)
     manifest = load_manifest(data_dir)
     files, counts, size = check_shards(data_dir, manifest, split)
@@ -297,5 +328,5 @@ def build_loader(data_dir: str | Path, split: str, batch_size: int, *, train: bo
         from pipeline.torch_loader import TorchLoader as cls
     return cls(data_dir, manifest, split, plan, aug, size, files, counts,
                mean=manifest["mean"] if mean is None else mean,
-               std=manifest["std"] if std is None else std, device=resolve_device(device),
+               std=manifest["std"] if std is None else std, device=device,
                dtype=dtype, channels_last=channels_last, workers=workers)

@@ -352,3 +352,37 @@ def make_manifest(config: dict, mapping: Mapping, splits: dict[str, list[dict]])
         "std": std,
         "class_pixels": class_pixels,
     }
+
+
+def write_arrays(folder: Path, splits: dict[str, tuple[np.ndarray, np.ndarray, list[str]]],
+                 mapping: Mapping, shard_size: int = 32, compression: str = "none") -> Path:
+    """Shards + manifest straight from arrays (images N,H,W,3; labels N,H,W of class ids).
+
+    For data that never was a Cityscapes tree: the tests' hand-made scenes and the
+    synthetic shards of `citytrain gpu-report`.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    entries: dict[str, list[dict]] = {}
+    for split, (images, labels, names) in splits.items():
+        n, h, w, _ = images.shape
+        entries[split] = []
+        for k, start in enumerate(range(0, n, shard_size)):
+            stop = min(start + shard_size, n)
+            path = folder / shard_filename(split, k)
+            stats = None
+            with ShardWriter(path, num_samples=stop - start, size=(w, h), split=split,
+                             mapping=mapping, source_size=(w, h),
+                             compression=compression) as writer:
+                for i in range(start, stop):
+                    writer.add(images[i], labels[i], names[i])
+                    stats = add_stats(stats, sample_stats(images[i], labels[i],
+                                                          mapping.num_classes))
+                digest = writer.commit()
+            entries[split].append({"file": path.name, "samples": stop - start,
+                                   "sha256": digest, "stats": stats})
+    config = {"size": [w, h], "mapping": mapping.name, "mapping_def": mapping.to_json(),
+              "compression": compression, "shard_size": shard_size, "mode": "fine",
+              "source_root": None}
+    write_manifest(folder, make_manifest(config, mapping, entries))
+    return folder

@@ -9,14 +9,7 @@ import numpy as np
 import pytest
 
 from pipeline.labels import Mapping, get_mapping
-from pipeline.shards import (
-    ShardWriter,
-    add_stats,
-    make_manifest,
-    sample_stats,
-    shard_filename,
-    write_manifest,
-)
+from pipeline.shards import write_arrays
 
 CITY_SIZE = (256, 128)  # synthetic source PNGs, W x H
 SHARD_SIZE = (128, 64)  # preprocessed, W x H
@@ -52,31 +45,7 @@ def write_dataset(
 ) -> Path:
     """Shards + manifest straight from arrays (images N,H,W,3; labels N,H,W), no PNGs involved."""
     mapping = get_mapping(mapping) if isinstance(mapping, str) else mapping
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    entries: dict[str, list[dict]] = {}
-    for split, (images, labels, names) in splits.items():
-        n, h, w, _ = images.shape
-        entries[split] = []
-        for k, start in enumerate(range(0, n, shard_size)):
-            stop = min(start + shard_size, n)
-            path = folder / shard_filename(split, k)
-            stats = None
-            with ShardWriter(path, num_samples=stop - start, size=(w, h), split=split,
-                             mapping=mapping, source_size=(w, h),
-                             compression=compression) as writer:
-                for i in range(start, stop):
-                    writer.add(images[i], labels[i], names[i])
-                    stats = add_stats(stats, sample_stats(images[i], labels[i],
-                                                          mapping.num_classes))
-                digest = writer.commit()
-            entries[split].append({"file": path.name, "samples": stop - start,
-                                   "sha256": digest, "stats": stats})
-    config = {"size": [w, h], "mapping": mapping.name, "mapping_def": mapping.to_json(),
-              "compression": compression, "shard_size": shard_size, "mode": "fine",
-              "source_root": None}
-    write_manifest(folder, make_manifest(config, mapping, entries))
-    return folder
+    return write_arrays(folder, splits, mapping, shard_size, compression)
 
 
 @pytest.fixture

@@ -46,7 +46,7 @@ def backend(request) -> str:
 
 
 def load(data_dir, split, batch_size, backend, **kwargs):
-    kwargs = {"workers": 0, "crop": CROP, **kwargs}
+    kwargs = {"workers": 0, "crop": CROP, "device": "cpu", **kwargs}  # the CPU, on any machine
     return build_loader(data_dir, split, batch_size, train=split == "train", backend=backend,
                         **kwargs)
 
@@ -148,7 +148,7 @@ def test_same_seed_same_batches_and_each_epoch_a_new_order(data, backend):
     a, b, c = (load(folder, "train", 2, backend, seed=s) for s in (0, 0, 1))
     a0, a1 = collect(a), collect(a)
     assert same(a0, collect(b)) and same(a1, collect(b))
-    assert a.epoch == 2 and a.state_dict() == {"epoch": 2, "batch": 0}
+    assert a.epoch == 2 and a.state_dict() == {"epoch": 2, "batch": 0, "global_batch": 2}
     order = [torch.cat([x["index"] for x in run]).tolist() for run in (a0, a1, collect(c))]
     assert order[0] != order[1] and order[0] != order[2]
     assert not torch.equal(a0[0]["image"], a1[0]["image"])
@@ -165,7 +165,7 @@ def test_resume_from_state_dict_replays_the_uninterrupted_run(data, backend):
         if len(head) == 2:
             break
     state = first.state_dict()
-    assert state == {"epoch": 0, "batch": 2}
+    assert state == {"epoch": 0, "batch": 2, "global_batch": 2}
     resumed = load(folder, "train", 2, backend)
     resumed.load_state_dict(state)
     tail = collect(resumed) + collect(resumed)
@@ -250,7 +250,7 @@ def test_bad_shard_fails_at_build_time_naming_the_file(data, damage):
     else:
         shard.write_bytes(shard.read_bytes()[:2000])
     with pytest.raises(ShardError, match="train-00001.h5"):
-        build_loader(folder, "train", 2, train=True, backend="torch")
+        build_loader(folder, "train", 2, train=True, backend="torch", device="cpu")
 
 
 def test_damaged_sample_fails_while_loading_with_a_clear_error(make_dataset, backend):
@@ -270,18 +270,20 @@ def test_damaged_sample_fails_while_loading_with_a_clear_error(make_dataset, bac
 def test_missing_split_and_folder_are_clear_errors(data, tmp_path):
     folder, _ = data
     with pytest.raises(ShardError, match="no split 'test'"):
-        build_loader(folder, "test", 2, train=False, backend="torch")
+        build_loader(folder, "test", 2, train=False, backend="torch", device="cpu")
     with pytest.raises(ShardError, match="no such data folder"):
-        build_loader(tmp_path / "nowhere", "train", 2, train=True, backend="torch")
+        build_loader(tmp_path / "nowhere", "train", 2, train=True, backend="torch",
+                     device="cpu")
 
 
 def test_without_dali_the_torch_fallback_is_chosen_with_a_notice(data, monkeypatch, capsys):
     folder, _ = data
     monkeypatch.setattr(loader_module, "dali_available", lambda: False)
     monkeypatch.setattr(loader_module, "_noticed", [])
-    loaders = [build_loader(folder, "val", 2, train=False, workers=0) for _ in range(2)]
+    loaders = [build_loader(folder, "val", 2, train=False, workers=0, device="cpu")
+               for _ in range(2)]
     assert all(type(x).__name__ == "TorchLoader" for x in loaders)
     notice = capsys.readouterr().err.strip().splitlines()
     assert len(notice) == 1 and "torch DataLoader" in notice[0]
     with pytest.raises(ImportError, match="nvidia-dali"):
-        build_loader(folder, "val", 2, train=False, backend="dali")
+        build_loader(folder, "val", 2, train=False, backend="dali", device="cpu")

@@ -44,7 +44,7 @@ def blocks(n: int, h: int = 32, w: int = 48, seed: int = 0):
 def tiny(data, out, **kw) -> Config:
     base = dict(data=str(data), out=str(out), width=8, depth=2, epochs=2, batch_size=4,
                 crop=None, scale=(1.0, 1.0), flip=False, jitter=0.0, optimizer="sgd", lr=0.05,
-                amp="off", workers=0, progress=False, grid_samples=2)
+                amp="off", workers=0, progress=False, grid_samples=2, device="cpu")
     return Config(**{**base, **kw})
 
 

@@ -3,9 +3,10 @@
 A synthetic batch (no data, no loader) goes through the engine's own `train_step`, so the
 figures are those of `citytrain fit` minus data loading. FLOPs are counted once, for a whole
 training step (forward and backward), by `torch.utils.flop_counter.FlopCounterMode`; MFU is
-achieved FLOP/s over a peak: on CUDA the dense bf16 peak of an H100/H200 (800 TFLOP/s) unless
---peak-tflops says otherwise, on the CPU a measured square-matmul rate, which is no
-datasheet peak but tells how close the convolutions get to what the cores can do.
+achieved FLOP/s over a peak measured on the same device in the step's dtype (a large square
+matmul: bf16 or fp16 under AMP, fp32 or TF32 without), unless --peak-tflops gives one. That
+is no datasheet figure (an H100 SXM is rated 989 dense bf16 TFLOP/s, a matmul reaches ~800),
+but it is what this device does, for this dtype, and it is printed beside the MFU.
 """
 
 from __future__ import annotations
@@ -17,12 +18,10 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from train.distributed import resolve_device
-from train.engine import AMP_DTYPES, Config, build_optimizer, train_step
+from train.distributed import local_device
+from train.engine import AMP_DTYPES, Config, build_optimizer, cuda_speed_settings, train_step
 from train.losses import build_loss
 from train.model import UNet
-
-CUDA_PEAK_TFLOPS = 800.0  # H100/H200 SXM, dense bf16
 
 
 def _sync(device: torch.device) -> None:
@@ -30,10 +29,15 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure_matmul_tflops(device: torch.device, amp: str, n: int = 1024,
+def measure_matmul_tflops(device: torch.device, amp: str, n: int | None = None,
                           seconds: float = 0.5) -> float:
-    """Sustained square-matmul rate in the dtype the convolutions will use."""
+    """Sustained square-matmul rate in the dtype the convolutions will use.
+
+    8192 x 8192 on a GPU (big enough to fill an H100's tensor cores), 1024 on a CPU; with
+    `--amp off` the result depends on TF32 (`engine.set_tf32`), as the convolutions do.
+    """
     dtype = AMP_DTYPES[amp] or torch.float32
+    n = n or (8192 if device.type == "cuda" else 1024)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     a @ b  # first call pays for setup
@@ -49,10 +53,11 @@ def measure_matmul_tflops(device: torch.device, amp: str, n: int = 1024,
 def run_bench(*, crop: tuple[int, int] = (512, 1024), batch_size: int = 8, amp: str = "bf16",
               width: int = 64, depth: int = 4, num_classes: int = 19, steps: int = 20,
               warmup_steps: int = 3, optimizer: str = "sgd", compile: bool = False,
-              channels_last: bool = False, device: str = "auto",
-              peak_tflops: float | None = None) -> dict:
+              channels_last: bool = False, device: str | torch.device = "auto",
+              tf32: bool = False, peak_tflops: float | None = None) -> dict:
     """Time `steps` training steps after `warmup_steps`; returns the figures as a dict."""
-    dev = resolve_device(device)
+    dev = local_device(device)
+    cuda_speed_settings(dev, tf32=tf32)
     torch.manual_seed(0)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model = UNet(num_classes, width=width, depth=depth).to(dev, memory_format=fmt).train()
@@ -87,16 +92,16 @@ def run_bench(*, crop: tuple[int, int] = (512, 1024), batch_size: int = 8, amp: 
         memory_kind = "process RSS"
     if peak_tflops is not None:
         peak_source = "given"
-    elif dev.type == "cuda":
-        peak_tflops, peak_source = CUDA_PEAK_TFLOPS, "H100/H200 dense bf16"
     else:
         peak_tflops = measure_matmul_tflops(dev, amp)
-        peak_source = f"measured {AMP_DTYPES[amp] or torch.float32} matmul on this CPU"
+        kind = str(AMP_DTYPES[amp] or ("tf32" if tf32 and dev.type == "cuda" else "fp32"))
+        peak_source = f"measured {kind.removeprefix('torch.')} matmul on this " \
+                      f"{'GPU' if dev.type == 'cuda' else 'CPU'}"
     achieved = flops / seconds / 1e12
     return {
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
         "crop": [h, w], "batch_size": batch_size, "amp": amp, "width": width, "depth": depth,
-        "compile": compile, "channels_last": channels_last, "steps": steps,
+        "compile": compile, "channels_last": channels_last, "tf32": tf32, "steps": steps,
         "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
         "step_time_s": seconds, "images_per_s": batch_size / seconds,
         "gflops_per_image": flops / batch_size / 1e9, "achieved_tflops": achieved,

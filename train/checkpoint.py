@@ -101,8 +101,11 @@ def load_model_weights(model: torch.nn.Module, state: dict, path: Path) -> None:
         raise CheckpointError(f"{path}: weights do not fit the model ({e})") from None
 
 
-def rng_state() -> dict[str, Any]:
-    """Every generator the run draws from, as tensors and lists (safe for weights_only)."""
+def rng_state(device: torch.device | None = None) -> dict[str, Any]:
+    """Every generator the run draws from, as tensors and lists (safe for weights_only).
+
+    On CUDA only this process's GPU counts: a checkpoint written on 8 GPUs must resume on 1.
+    """
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     version, internal, gauss_next = random.getstate()
     state: dict[str, Any] = {
@@ -111,20 +114,28 @@ def rng_state() -> dict[str, Any]:
                   "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
         "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next},
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device is not None and device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any], device: torch.device | None = None) -> None:
+    """Restore `rng_state`'s generators; a CUDA state only onto a CUDA `device`.
+
+    Older checkpoints hold a list of every visible GPU's state, however many GPUs this
+    machine has: the first one (rank 0 wrote it) is this process's.
+    """
     torch.set_rng_state(state["torch"])
     n = state["numpy"]
     np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"],
                          n["has_gauss"], n["cached_gaussian"]))
     p = state["python"]
     random.setstate((p["version"], tuple(p["internal"]), p["gauss_next"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if isinstance(cuda, (list, tuple)):
+        cuda = cuda[0] if cuda else None
+    if cuda is not None and device is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(cuda, device)
 
 
 def model_from_checkpoint(state: dict, path: Path, device: str | torch.device = "cpu") \

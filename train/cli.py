@@ -1,10 +1,11 @@
-"""`citytrain`: fit, evaluate, predict, bench.
+"""`citytrain`: fit, evaluate, predict, bench, gpu-report.
 
     citytrain fit --data data_cache/city-1024x512 --out runs/city [--epochs 100 --amp bf16 ...]
     torchrun --standalone --nproc_per_node=4 -m train.cli fit ...        (one process per GPU)
     citytrain evaluate --checkpoint runs/city/checkpoints/best.pt --data data_cache/city-1024x512
     citytrain predict --checkpoint runs/city/checkpoints/best.pt --input photos/ --out preds/
     citytrain bench --crop 512x1024 --batch-size 8 --amp bf16
+    citytrain gpu-report --out runs/gpu-report                           (a CUDA GPU only)
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import click
 
-from train.engine import Config, Interrupted, TrainingError
+from train.config import Config, Interrupted, TrainingError
 
 DEFAULTS = Config()
 BACKENDS = click.Choice(["auto", "dali", "torch"])
@@ -99,15 +100,26 @@ def main() -> None:
 @click.option("--losstype", default=DEFAULTS.losstype,
               type=click.Choice(["segment", "reconstruction"]))
 @click.option("--class-weights", is_flag=True, help="ENet class weights from the manifest.")
-@click.option("--amp", default=DEFAULTS.amp, type=click.Choice(["bf16", "fp16", "off"]))
-@click.option("--channels-last", is_flag=True)
-@click.option("--compile", "compile_", is_flag=True, help="torch.compile the model.")
-@click.option("--device", default=DEFAULTS.device, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--amp", default=DEFAULTS.amp, type=click.Choice(["bf16", "fp16", "off"]),
+              help="Autocast dtype; the loss is fp32 either way, fp16 adds a GradScaler.")
+@click.option("--tf32/--no-tf32", default=DEFAULTS.tf32,
+              help="TF32 for fp32 matmuls and convolutions on CUDA; --amp off --no-tf32 is "
+                   "true fp32.")
+@click.option("--channels-last", is_flag=True, help="NHWC model and batches.")
+@click.option("--compile", "compile_", is_flag=True,
+              help="torch.compile the model (with several processes: needs --no-sync-bn).")
+@click.option("--sync-bn/--no-sync-bn", default=DEFAULTS.sync_bn,
+              help="SyncBatchNorm across processes.")
+@click.option("--device", default=DEFAULTS.device, type=click.Choice(["auto", "cpu", "cuda"]),
+              help="auto: this rank's GPU when CUDA is there, else the CPU.")
 @click.option("--workers", type=click.IntRange(0), default=None, help="Loader worker processes.")
 @click.option("--backend", default=DEFAULTS.backend, type=BACKENDS,
               help="Loader: DALI, or the torch DataLoader fallback.")
 @click.option("--eval-every", default=DEFAULTS.eval_every, type=click.IntRange(1),
               help="Evaluate every N epochs (and after the last).")
+@click.option("--log-every", default=DEFAULTS.log_every, type=click.IntRange(1),
+              help="Steps between reading the loss back (and agreeing on stop and time "
+                   "across ranks); the GPU runs ahead in between.")
 @click.option("--time-limit", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Seconds; the LR schedule ends and training stops by then.")
 @click.option("--seed", default=DEFAULTS.seed, type=int)
@@ -174,7 +186,7 @@ def evaluate(checkpoint: Path, data: Path, split: str, out: Path | None,
         else:
             loader = build_loader(data, split, batch_size, train=False, mean=state["mean"],
                                   std=state["std"], rank=dist.rank, world_size=dist.world_size,
-                                  device=dist.device.type, workers=workers, backend=backend)
+                                  device=dist.device, workers=workers, backend=backend)
             cm, _, _ = run_eval(model, loader, None, num_classes=len(state["classes"]),
                                 losstype=state["losstype"], palette=state["palette"],
                                 device=dist.device, amp=amp)
@@ -217,10 +229,10 @@ def predict(checkpoint: Path, inputs: tuple[Path, ...], out: Path, size: str | N
             device: str) -> None:
     """Colorized masks and overlays for any images."""
     from train.checkpoint import load_checkpoint, model_from_checkpoint
-    from train.distributed import resolve_device
+    from train.distributed import local_device
     from train.predict import predict_paths
 
-    dev = resolve_device(device)
+    dev = local_device(device)
     state = load_checkpoint(checkpoint)
     model = model_from_checkpoint(state, checkpoint, dev)
     if size is None:
@@ -246,8 +258,10 @@ def predict(checkpoint: Path, inputs: tuple[Path, ...], out: Path, size: str | N
 @click.option("--compile", "compile_", is_flag=True)
 @click.option("--channels-last", is_flag=True)
 @click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--tf32/--no-tf32", default=False,
+              help="TF32 for fp32 work on CUDA (--amp off measures true fp32 without it).")
 @click.option("--peak-tflops", type=float, default=None,
-              help="Peak for MFU [800 on CUDA (H100/H200 bf16 dense); measured on CPU].")
+              help="Peak for MFU [measured: a square matmul in the step's dtype].")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None,
               help="Also write the figures here.")
 @friendly_errors
@@ -263,6 +277,31 @@ def bench(crop: str, compile_: bool, json_out: Path | None, **kwargs) -> None:
     if json_out is not None:
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(report, indent=1) + "\n")
+
+
+@main.command("gpu-report")
+@click.option("--out", default=Path("runs/gpu-report"), type=click.Path(path_type=Path),
+              show_default=True, help="Folder for report.md, report.json and the shards.")
+@click.option("--budget", default=330.0, type=click.FloatRange(min=0), show_default=True,
+              help="Seconds after which the torch.compile runs are skipped.")
+@friendly_errors
+def gpu_report(out: Path, budget: float) -> None:
+    """Loader, training speed, MFU, memory and data wait on this GPU, in a few minutes.
+
+    Prints the table last and writes OUT/report.md and OUT/report.json.
+    """
+    import torch
+
+    if not torch.cuda.is_available():
+        click.echo("citytrain gpu-report needs a CUDA GPU, and this machine has none "
+                   "(make bench measures the CPU)", err=True)
+        raise SystemExit(2)
+    from train.distributed import local_device
+    from train.gpu_report import Sizes, format_report, run_report
+
+    report = run_report(out, local_device("cuda"), Sizes(budget_s=budget))
+    click.echo(format_report(report))
+    click.echo(f"wrote {out / 'report.md'} and {out / 'report.json'}")
 
 
 if __name__ == "__main__":

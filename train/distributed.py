@@ -21,6 +21,7 @@ class Dist:
     world_size: int
     local_rank: int
     device: torch.device
+    local_world_size: int = 1
 
     @property
     def is_main(self) -> bool:
@@ -32,30 +33,50 @@ class Dist:
         return self.world_size > 1
 
 
-def resolve_device(device: str, local_rank: int = 0) -> torch.device:
-    """'auto' -> this rank's GPU when CUDA is there, else the CPU."""
-    if device == "auto":
+def local_device(device: str | torch.device = "auto", local_rank: int | None = None) \
+        -> torch.device:
+    """This process's device: the one place that decides it.
+
+    "auto" is this rank's GPU when CUDA is there, else the CPU. A GPU without an index is
+    cuda:(LOCAL_RANK % visible GPUs): with every GPU of a node visible that is
+    cuda:LOCAL_RANK, and with one visible GPU per process (SLURM `--gpus-per-task=1`, or
+    CUDA_VISIBLE_DEVICES set per rank) it is cuda:0 for every rank.
+    """
+    if str(device) == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError("--device cuda: no CUDA device is available")
-        return torch.device("cuda", local_rank % torch.cuda.device_count())
-    return torch.device(device)
+    device = torch.device(device)
+    if device.type != "cuda":
+        return device
+    if not torch.cuda.is_available():
+        raise RuntimeError(f"--device {device}: no CUDA device is available")
+    count = torch.cuda.device_count()
+    if device.index is not None:
+        if device.index >= count:
+            raise RuntimeError(f"--device {device}: only {count} CUDA device(s) are visible")
+        return device
+    if local_rank is None:
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    return torch.device("cuda", local_rank % count)
 
 
-def setup(device: str = "auto") -> Dist:
-    """Read torchrun's variables, pick the device, join the process group when there are peers."""
+def setup(device: str | torch.device = "auto") -> Dist:
+    """Read torchrun's variables, pick the device, join the process group when there are peers.
+
+    Every module gets the device from here (`Dist.device`) and never works it out again.
+    """
     rank = int(os.environ.get("RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    dev = resolve_device(device, local_rank)
+    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    dev = local_device(device, local_rank)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
         kwargs = {"device_id": dev} if dev.type == "cuda" else {}
         dist.init_process_group(backend=backend, rank=rank, world_size=world_size, **kwargs)
-    return Dist(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
+    return Dist(rank=rank, world_size=world_size, local_rank=local_rank, device=dev,
+                local_world_size=local_world_size)
 
 
 def cleanup() -> None:

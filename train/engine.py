@@ -1,9 +1,13 @@
 """The training machinery: one optimizer step, one epoch, one evaluation.
 
-Read top to bottom: `Config` (every setting and its default), the errors a run raises, the
-learning-rate schedule, autocast, the optimizer, one step, the signal handler, one epoch and
-evaluation. `train/fit.py` wires these to the loader, model, checkpoints and run directory.
-One process or many (torchrun) run the same code.
+Read top to bottom: the learning-rate schedule, precision (autocast, CUDA's TF32 and cuDNN
+settings), the optimizer, one step, the signal handler, one epoch and evaluation. Settings and
+errors live in `train/config.py`; `train/fit.py` wires these to the loader, model, checkpoints
+and run directory. One process or many (torchrun) run the same code.
+
+On a GPU the host must run ahead of the device: nothing in a step reads a value back. The
+losses stay on the device and are read, with the stop flag and the clock, in one all-reduce
+every `log_every` steps (`train_one_epoch`), which is also when the non-finite check runs.
 """
 
 from __future__ import annotations
@@ -19,68 +23,11 @@ from torch import nn
 from tqdm import tqdm
 
 from train import distributed
+from train.config import AMP_MODES, Config, Interrupted, TrainingError
 from train.losses import predict_classes
 from train.metrics import ConfusionMatrix
 
-
-@dataclass
-class Config:
-    # data (pipeline/loader.py)
-    data: str = ""
-    out: str = "runs/unet"
-    crop: tuple[int, int] | None = (512, 1024)  # H, W of training crops; None = whole images
-    scale: tuple[float, float] = (0.5, 2.0)
-    flip: bool = True
-    jitter: float = 0.2
-    workers: int | None = None
-    backend: str = "auto"
-    # model and loss
-    width: int = 64
-    depth: int = 4
-    upsample: str = "bilinear"
-    losstype: str = "segment"
-    class_weights: bool = False  # ENet weights from the manifest's class pixel counts
-    # optimisation
-    epochs: int = 100
-    batch_size: int = 8  # per process
-    optimizer: str = "sgd"  # sgd | adamw
-    lr: float | None = None  # None: 0.01 for sgd, 1e-3 for adamw
-    weight_decay: float | None = None  # None: 1e-4 for sgd, 1e-2 for adamw
-    momentum: float = 0.9
-    warmup: int = 0  # iterations of linear warmup before the poly decay
-    clip_grad: float | None = None  # max global gradient norm
-    time_limit: float | None = None  # seconds: the schedule ends and training stops by then
-    # precision and speed
-    amp: str = "bf16"  # bf16 | fp16 | off
-    channels_last: bool = False
-    compile: bool = False
-    device: str = "auto"
-    # bookkeeping
-    eval_every: int = 1
-    grid_samples: int = 4
-    seed: int = 0
-    resume: bool = False
-    progress: bool = True
-
-    def resolved_lr(self) -> float:
-        return self.lr if self.lr is not None else (0.01 if self.optimizer == "sgd" else 1e-3)
-
-    def resolved_weight_decay(self) -> float:
-        if self.weight_decay is not None:
-            return self.weight_decay
-        return 1e-4 if self.optimizer == "sgd" else 1e-2
-
-
-class TrainingError(RuntimeError):
-    """A run that cannot start or cannot go on; the message says why and what to do."""
-
-
-class Interrupted(TrainingError):
-    """Stopped by a signal after saving; `signum` lets the CLI exit as that signal would."""
-
-    def __init__(self, message: str, signum: int) -> None:
-        super().__init__(message)
-        self.signum = signum
+__all__ = ["AMP_MODES", "Config", "Interrupted", "TrainingError"]  # re-exported for callers
 
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
@@ -100,16 +47,48 @@ def autocast(device: torch.device, amp: str) -> torch.autocast:
     return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 
+def set_tf32(enabled: bool) -> None:
+    """TF32 (10-bit mantissa) for fp32 matmuls and convolutions on Ampere and later GPUs.
+
+    PyTorch's own defaults differ between the two (convolutions on, matmuls off); a run says
+    which it wants. With `--amp bf16|fp16` it only touches the ops autocast leaves in fp32.
+    """
+    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):  # torch >= 2.9
+        precision = "tf32" if enabled else "ieee"
+        torch.backends.cuda.matmul.fp32_precision = precision
+        torch.backends.cudnn.conv.fp32_precision = precision
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = enabled
+        torch.backends.cudnn.allow_tf32 = enabled
+
+
+def cuda_speed_settings(device: torch.device, *, tf32: bool) -> dict:
+    """TF32 as asked, and cuDNN's autotuner; returns the settings (for config.json).
+
+    The autotuner picks each convolution's fastest algorithm for a shape once. Every training
+    batch has the crop's shape (the loader pads to it) and every evaluation batch the shards'
+    size, so its choices hold for the whole run. A no-op off CUDA.
+    """
+    if device.type != "cuda":
+        return {}
+    set_tf32(tf32)
+    torch.backends.cudnn.benchmark = True
+    return {"tf32": tf32, "cudnn_benchmark": True}
+
+
 def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
     # Weight decay on conv kernels only: decaying BatchNorm scales and biases just hurts.
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
     groups = [{"params": decay, "weight_decay": cfg.resolved_weight_decay()},
               {"params": no_decay, "weight_decay": 0.0}]
+    # On CUDA the fused kernels take GradScaler's inf check on the device; the others read it
+    # back (`found_inf.item()`) every fp16 step, and the host waits for the GPU there.
+    fused = {"fused": True} if next(model.parameters()).device.type == "cuda" else {}
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.resolved_lr(), momentum=cfg.momentum)
+        return torch.optim.SGD(groups, lr=cfg.resolved_lr(), momentum=cfg.momentum, **fused)
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.resolved_lr())
+        return torch.optim.AdamW(groups, lr=cfg.resolved_lr(), **fused)
     raise ValueError(f"optimizer must be sgd or adamw, not {cfg.optimizer!r}")
 
 
@@ -171,31 +150,104 @@ def time_up(cfg: Config, run: dict) -> bool:
     return cfg.time_limit is not None and run["elapsed"] >= cfg.time_limit
 
 
+class StepLog:
+    """The steps since the last host sync: their losses (on the device), lrs and images.
+
+    `sync` reads them back together with this rank's stop flag and clock in one all-reduce,
+    so every rank sees the same mean losses, stop flag and elapsed time and takes the same
+    decisions, and the host waits for the GPU once per window instead of once per step.
+    """
+
+    def __init__(self, device: torch.device, elapsed: float) -> None:
+        self.device, self.elapsed = device, elapsed
+        self.losses: list[torch.Tensor] = []
+        self.lrs: list[float] = []
+        self.images = 0
+        self.wait = 0.0  # seconds blocked on the loader in this window
+        self.clock = self.start = time.perf_counter()
+
+    def __len__(self) -> int:
+        return len(self.losses)
+
+    def add(self, loss: torch.Tensor, lr: float, images: int, wait: float) -> None:
+        self.losses.append(loss)
+        self.lrs.append(lr)
+        self.images += images
+        self.wait += wait
+
+    def local_elapsed(self) -> float:
+        return self.elapsed + time.perf_counter() - self.clock
+
+    def sync(self, stop: bool, world_size: int) -> tuple[list[float], bool, float, float]:
+        """-> (mean loss of each step over ranks, any rank stopping, elapsed, window seconds)."""
+        now = time.perf_counter()
+        flags = torch.tensor([float(stop), self.elapsed + now - self.clock], dtype=torch.float64)
+        local = torch.cat([torch.stack(self.losses).double(), flags.to(self.device)]) \
+            if self.losses else flags.to(self.device)
+        values = (distributed.all_reduce_sum(local) / world_size).tolist()
+        after = time.perf_counter()  # the GPU has caught up: its work counts as step time
+        seconds = after - self.start
+        self.losses, self.lrs, self.images, self.wait = [], [], 0, 0.0
+        self.elapsed, self.clock, self.start = values[-1], now, after
+        return values[:-2], values[-2] > 0, values[-1], seconds
+
+
 def train_one_epoch(model: nn.Module, loader, criterion: nn.Module,
                     optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, *,
                     cfg: Config, dist: distributed.Dist, run: dict, stopper: Stopper,
                     epoch_state: EpochState, writer=None) -> str | None:
     """One pass over `loader` (or what is left of it). Returns why it stopped early, if it did.
 
-    `run` carries step, total_steps and elapsed seconds across epochs; every rank sees the
-    same reduced loss, stop flag and clock, so all take the same decisions.
+    `run` carries step, total_steps and elapsed seconds across epochs. Decisions (stop on a
+    signal, stop when time is up) are taken only right after a sync, from values every rank
+    shares; one process alone syncs as soon as it has a reason to stop.
     """
     model.train()
     lr0 = cfg.resolved_lr()
-    done = loader.state_dict().get("batch", 0)  # batches of this epoch already trained on
+    done = loader.state_dict()["batch"]  # batches of this epoch already trained on
     bar = tqdm(total=len(loader), initial=done, disable=not (cfg.progress and dist.is_main),
                desc=f"epoch {run['epoch'] + 1}/{cfg.epochs}", dynamic_ncols=True, leave=False)
+    log = StepLog(dist.device, run["elapsed"])
+    solo = dist.world_size == 1
+
+    def sync() -> None:
+        images, lrs, wait = log.images, log.lrs, log.wait
+        losses, stop, elapsed, seconds = log.sync(stopper.signum is not None, dist.world_size)
+        first = run["step"] - len(losses)  # step number (0-based) of losses[0]
+        for i, value in enumerate(losses):
+            if not math.isfinite(value):
+                raise TrainingError(
+                    f"non-finite loss ({value}) at epoch {run['epoch'] + 1}, step "
+                    f"{first + i + 1} (losses are read every --log-every {cfg.log_every} "
+                    "steps); stopped without saving, the last checkpoint is the last good "
+                    "one. Lower --lr, try --clip-grad, or --amp bf16 instead of fp16")
+        run.update(elapsed=elapsed, stop=stop)
+        epoch_state.loss_sum += sum(losses)
+        epoch_state.batches += len(losses)
+        epoch_state.images += images
+        epoch_state.seconds += seconds
+        epoch_state.wait += wait
+        if writer is not None:
+            for i, (value, lr) in enumerate(zip(losses, lrs)):
+                writer.add_scalar("train/loss", value, first + i + 1)
+                writer.add_scalar("train/lr", lr, first + i + 1)
+        bar.update(len(losses))
+        if losses:
+            bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{lrs[-1]:.2e}",
+                            img_s=f"{images / max(seconds, 1e-9):.1f}",
+                            wait=f"{epoch_state.wait / max(epoch_state.seconds, 1e-9):.0%}")
+
     it = iter(loader)
-    tick = time.perf_counter()
     try:
         while True:
             # Stop only while batches remain: a finished epoch ends (and is saved) as such,
             # so a checkpoint's loader position and epoch count always agree.
-            if done < len(loader):
+            if done < len(loader) and not len(log):
                 if run["stop"]:
                     return "signal"
                 if time_up(cfg, run):
                     return "time"
+            tick = time.perf_counter()
             try:
                 batch = next(it)
             except StopIteration:
@@ -207,34 +259,13 @@ def train_one_epoch(model: nn.Module, loader, criterion: nn.Module,
                 group["lr"] = lr
             loss = train_step(model, batch, criterion, optimizer, scaler, amp=cfg.amp,
                               clip_grad=cfg.clip_grad)
-            now = time.perf_counter()
-            shared = torch.tensor([loss.item(), float(stopper.signum is not None),
-                                   run["elapsed"] + now - tick],
-                                  dtype=torch.float64, device=dist.device)
-            shared = distributed.all_reduce_sum(shared) / dist.world_size
-            loss_value, stop, elapsed = shared.tolist()
-            if not math.isfinite(loss_value):
-                raise TrainingError(
-                    f"non-finite loss ({loss_value}) at epoch {run['epoch'] + 1}, step "
-                    f"{run['step'] + 1}; stopped without saving. Lower --lr, try --clip-grad, "
-                    "or --amp bf16 instead of fp16"
-                )
-            images = batch["label"].shape[0] * dist.world_size
             done += 1
-            run.update(step=run["step"] + 1, elapsed=elapsed, stop=stop > 0)
-            epoch_state.loss_sum += loss_value
-            epoch_state.batches += 1
-            epoch_state.images += images
-            epoch_state.seconds += now - tick
-            epoch_state.wait += waited
-            if writer is not None:
-                writer.add_scalar("train/loss", loss_value, run["step"])
-                writer.add_scalar("train/lr", lr, run["step"])
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}",
-                            img_s=f"{images / max(now - tick, 1e-9):.1f}",
-                            wait=f"{epoch_state.wait / max(epoch_state.seconds, 1e-9):.0%}")
-            tick = now
+            run["step"] += 1
+            log.add(loss, lr, batch["label"].shape[0] * dist.world_size, waited)
+            reason_to_stop = solo and (stopper.signum is not None or (
+                cfg.time_limit is not None and log.local_elapsed() >= cfg.time_limit))
+            if len(log) >= cfg.log_every or done == len(loader) or reason_to_stop:
+                sync()
     finally:
         bar.close()
 
@@ -248,7 +279,7 @@ def evaluate(model: nn.Module, loader, criterion: nn.Module | None, *, num_class
     model.eval()
     cm = ConfusionMatrix(num_classes, ignore_index=loader.ignore_index, device=device)
     totals = torch.zeros(2, dtype=torch.float64, device=device)  # loss * images, images
-    kept = None
+    images, kept = 0, None
     for batch in loader:
         image, label = batch["image"], batch["label"]
         with autocast(device, amp):
@@ -257,14 +288,14 @@ def evaluate(model: nn.Module, loader, criterion: nn.Module | None, *, num_class
         pred = predict_classes(outputs, losstype, palette)
         cm.update(pred, label)
         if criterion is not None:
-            totals += torch.stack([criterion(outputs, label).double() * len(label),
-                                   torch.tensor(float(len(label)), dtype=torch.float64,
-                                                device=device)])
+            totals[0] += criterion(outputs, label).double() * len(label)
+        images += len(label)
         if keep > 0:
             new = {"image": image[:keep].cpu(), "label": label[:keep].cpu(),
                    "pred": pred[:keep].cpu()}
             kept = new if kept is None else {k: torch.cat([kept[k], v]) for k, v in new.items()}
             keep -= len(new["label"])
+    totals[1] = images
     cm.all_reduce()
     distributed.all_reduce_sum(totals)
     loss = float(totals[0] / totals[1]) if criterion is not None and totals[1] > 0 else None

@@ -39,6 +39,7 @@ from train.engine import (
     Stopper,
     TrainingError,
     build_optimizer,
+    cuda_speed_settings,
     evaluate,
     time_up,
     train_one_epoch,
@@ -73,11 +74,18 @@ def _fit(cfg: Config, dist: distributed.Dist) -> dict:
     if not cfg.resume and last_path.is_file():
         raise TrainingError(f"{out} already holds a run ({last_path}); pass --resume to "
                             "continue it, or choose another --out")
+    if cfg.compile and dist.distributed and cfg.sync_bn:
+        raise TrainingError(
+            "--compile with several processes needs --no-sync-bn: SyncBatchNorm all-reduces "
+            "inside every BatchNorm layer, which breaks the compiled graph at each one (and "
+            "has crashed torch.compile upstream); train with --no-sync-bn (BatchNorm per "
+            "process, fine at 8 or more images per GPU) or without --compile")
     seed_everything(cfg.seed)
+    speed = cuda_speed_settings(dist.device, tf32=cfg.tf32)
 
     # data: the manifest's mean/std normalise both splits
     common = dict(rank=dist.rank, world_size=dist.world_size, seed=cfg.seed,
-                  device=dist.device.type, workers=cfg.workers, channels_last=cfg.channels_last,
+                  device=dist.device, workers=cfg.workers, channels_last=cfg.channels_last,
                   backend=cfg.backend)
     w, h = load_manifest(Path(cfg.data))["config"]["size"]
     train_loader = build_loader(cfg.data, "train", cfg.batch_size, train=True,
@@ -100,7 +108,7 @@ def _fit(cfg: Config, dist: distributed.Dist) -> dict:
     model = UNet(output_channels(cfg.losstype, len(classes)), width=cfg.width, depth=cfg.depth,
                  upsample=cfg.upsample)
     arch = dict(model.config)
-    if dist.distributed:
+    if dist.distributed and cfg.sync_bn:
         model = distributed.convert_sync_batchnorm(model, dist.device)
     model.to(dist.device, memory_format=torch.channels_last if cfg.channels_last
              else torch.contiguous_format)
@@ -119,23 +127,26 @@ def _fit(cfg: Config, dist: distributed.Dist) -> dict:
         load_model_weights(model, state, last_path)
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"])
-        train_loader.load_state_dict(state["loader"])
+        set_rng_state(state["rng"], dist.device)
         run.update(epoch=state["epoch"], step=state["step"], elapsed=state["elapsed"])
+        _resume_loader(train_loader, state["loader"], run, last_path)
         epoch_state, best = EpochState(**state["epoch_state"]), state["best_miou"]
         if dist.is_main:
             tqdm.write(f"resuming {last_path}: epoch {run['epoch']}, step {run['step']}")
 
-    eval_model = torch.compile(model) if cfg.compile else model
-    train_model = eval_model
+    train_model = model
     if dist.distributed:
         ids = [dist.device.index] if dist.device.type == "cuda" else None
-        train_model = nn.parallel.DistributedDataParallel(eval_model, device_ids=ids)
+        train_model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    eval_model = model
+    if cfg.compile:  # DDP first, then compile: the order torch.compile's DDP support expects
+        train_model, eval_model = torch.compile(train_model), torch.compile(model)
 
     rundir = RunDir(out, enabled=dist.is_main, resume_epoch=run["epoch"] if cfg.resume else None,
                     resume_step=run["step"] if cfg.resume else None)
     rundir.write_config({
         "config": asdict(cfg), "world_size": dist.world_size, "device": str(dist.device),
+        "cuda_settings": speed,
         "model": arch, "classes": classes, "mean": mean, "std": std,
         "data": {"manifest_config": manifest["config"],
                  "samples": {s: v["samples"] for s, v in manifest["splits"].items()}},
@@ -155,7 +166,8 @@ def _fit(cfg: Config, dist: distributed.Dist) -> dict:
                           "time_limit": cfg.time_limit},
             "epoch": run["epoch"], "step": run["step"], "elapsed": run["elapsed"],
             "loader": dict(train_loader.state_dict()), "epoch_state": asdict(epoch_state),
-            "rng": rng_state(), "best_miou": best, "metrics": row, "config": asdict(cfg),
+            "rng": rng_state(dist.device), "best_miou": best, "metrics": row,
+            "config": asdict(cfg), "world_size": dist.world_size,
         }
 
     row: dict = {}
@@ -211,6 +223,29 @@ def _fit(cfg: Config, dist: distributed.Dist) -> dict:
     finally:
         rundir.close()
     return row
+
+
+def _resume_loader(loader, position: dict, run: dict, path: Path) -> None:
+    """Put the train loader where the checkpoint stopped, with any number of processes.
+
+    With another global batch an epoch has another number of steps, so the step count is
+    restated in this run's steps (the LR schedule keeps its place); a position inside an epoch
+    that this run's global batch cannot reach exactly is refused, saying what would work.
+    """
+    saved = int(position.get("global_batch", loader.global_batch))
+    try:
+        loader.load_state_dict(position)
+    except ValueError as e:
+        hint = (f"--batch-size {saved // loader.plan.world_size} (the same global batch), or "
+                if saved % loader.plan.world_size == 0 else "")
+        raise TrainingError(f"{path}: cannot resume exactly: {e}; resume with {hint}the "
+                            "number of processes and batch size it was saved with") from None
+    if saved != loader.global_batch:
+        run["step"] = loader.epoch * len(loader) + loader.state_dict()["batch"]
+        tqdm.write(f"note: {path} was saved with a global batch of {saved} "
+                   f"({loader.num_samples // saved} steps per epoch), this run's is "
+                   f"{loader.global_batch} ({len(loader)} steps per epoch); continuing at "
+                   f"step {run['step']}")
 
 
 def _summary(row: dict, epochs: int) -> str:

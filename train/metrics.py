@@ -37,9 +37,14 @@ class ConfusionMatrix:
         pred = pred.reshape(-1).to(self.mat.device, torch.int64)
         target = target.reshape(-1).to(self.mat.device, torch.int64)
         keep = (target >= 0) & (target < k) & (target != self.ignore_index)
-        # One bincount over t*K+p fills the whole matrix in a single pass on the device.
-        idx = target[keep] * k + pred[keep]
-        self.mat += torch.bincount(idx, minlength=k * k).reshape(k, k)
+        # One count over t*K+p fills the whole matrix in a single pass on the device; pixels
+        # left out go to a spare bin K*K rather than through a boolean mask, whose size the
+        # host would have to wait for. index_add_ needs no maximum either (bincount does).
+        idx = torch.where(keep, target * k + pred, k * k)
+        counts = torch.zeros(k * k + 1, dtype=torch.int64, device=self.mat.device)
+        counts.index_add_(0, idx, torch.ones(1, dtype=torch.int64,
+                                             device=idx.device).expand_as(idx))
+        self.mat += counts[: k * k].reshape(k, k)
 
     def all_reduce(self) -> None:
         """Sum the matrices of all ranks (no-op outside torch.distributed)."""

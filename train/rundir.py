@@ -25,11 +25,13 @@ METRICS_COLUMNS = ("epoch", "step", "lr", "train_loss", "val_loss", "val_miou", 
 
 def versions() -> dict[str, str | None]:
     out: dict[str, str | None] = {"python": platform.python_version()}
-    for name in ("cityseg", "torch", "torchvision", "numpy", "h5py", "nvidia-dali-cuda120"):
+    for name in ("cityseg", "torch", "torchvision", "numpy", "h5py", "nvidia-dali-cuda130",
+                 "nvidia-dali-cuda120"):
         try:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
-            out[name] = None
+            if not name.startswith("nvidia-dali"):  # one DALI build or the other
+                out[name] = None
     import torch
 
     out["cuda"] = torch.version.cuda

@@ -1,0 +1,231 @@
+"""What a GPU node needs, proved on the CPU: one device per process, no host sync per step,
+a true data-wait share, resume on another number of processes, --compile refused under DDP."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+
+import pytest
+import torch
+from test_train import blocks, tiny
+
+from pipeline.loader import build_loader
+from train import distributed, engine
+from train import fit as fit_module
+from train.checkpoint import load_checkpoint, save_checkpoint
+from train.engine import EpochState, Stopper, TrainingError, train_one_epoch
+from train.fit import fit
+from train.losses import build_loss
+from train.model import UNet
+
+
+class _Placed(Exception):
+    """Raised by the stand-in model once fit has put it on a device."""
+
+
+@pytest.mark.parametrize("visible, local_rank, expected", [
+    (1, 0, 0), (1, 3, 0), (1, 7, 0),  # one GPU per process: SLURM --gpus-per-task=1
+    *[(8, r, r) for r in range(8)],  # all eight GPUs of a node visible to every rank
+])
+def test_model_and_loader_get_the_same_gpu(make_dataset, monkeypatch, visible, local_rank,
+                                          expected):
+    images, labels, names = blocks(4)
+    data = make_dataset({"train": (images, labels, names)})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    monkeypatch.setenv("LOCAL_RANK", str(local_rank))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    monkeypatch.setattr(fit_module, "cuda_speed_settings", lambda device, tf32: {})
+    gpu = torch.device("cuda", expected)
+
+    dist = distributed.setup("auto")
+    assert dist.device == gpu and dist.local_rank == local_rank
+    # a user's own script names only "cuda": the loader resolves it the same way
+    for device in (dist.device, "cuda", "auto"):
+        loader = build_loader(data, "train", 2, train=True, device=device, backend="torch",
+                              workers=0)
+        assert loader.device == gpu
+
+    seen = {}
+    real_build = fit_module.build_loader
+
+    def recording_build(*args, **kwargs):
+        loader = real_build(*args, **kwargs)
+        seen.setdefault("loaders", []).append(loader.device)
+        return loader
+
+    class PlacedModel(UNet):
+        def to(self, device, *args, **kwargs):
+            seen["model"] = device
+            raise _Placed
+
+    monkeypatch.setattr(fit_module, "build_loader", recording_build)
+    monkeypatch.setattr(fit_module, "UNet", PlacedModel)
+    with pytest.raises(_Placed):
+        fit(replace(tiny(data, "unused"), device="auto", workers=0))
+    assert seen == {"loaders": [gpu], "model": gpu}
+
+
+def test_an_absent_gpu_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match="--device cuda: no CUDA device is available"):
+        distributed.local_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(RuntimeError, match="cuda:5: only 2 CUDA device"):
+        distributed.local_device("cuda:5")
+    assert distributed.local_device("cpu") == torch.device("cpu")
+
+
+BLOCKING = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__")
+
+
+def test_training_steps_do_not_wait_for_the_device(make_dataset, tmp_path, monkeypatch):
+    """Every call that would make the host wait for a GPU, counted over real epochs."""
+    images, labels, names = blocks(24)
+    data = make_dataset({"train": (images, labels, names)})
+    calls: list[str] = []
+    counting = [False]
+    for name in BLOCKING:
+        real = getattr(torch.Tensor, name)
+
+        def wrapper(self, *args, _real=real, _name=name, **kwargs):
+            if counting[0]:
+                calls.append(_name)
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, wrapper)
+    real_epoch = engine.train_one_epoch
+
+    def counted_epoch(*args, **kwargs):
+        counting[0] = True
+        try:
+            return real_epoch(*args, **kwargs)
+        finally:
+            counting[0] = False
+
+    monkeypatch.setattr(fit_module, "train_one_epoch", counted_epoch)
+    # every augmentation and the clipping on: none of them may read a value back
+    cfg = tiny(data, tmp_path / "run", epochs=2, batch_size=2, crop=(24, 32), scale=(0.75, 1.5),
+               flip=True, jitter=0.2, clip_grad=1.0, log_every=4)
+    fit(cfg)
+    steps = 2 * 12
+    syncs = 2 * 3  # 12 steps an epoch, read back every 4
+    assert calls == ["tolist"] * syncs, calls
+    assert len(calls) / steps == 0.25
+
+
+class FakeLoader:
+    """Ready-made batches, each after `delay` seconds (a loader that keeps up: 0)."""
+
+    def __init__(self, batches: list[dict], delay: float) -> None:
+        self.batches, self.delay = batches, delay
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def state_dict(self) -> dict:
+        return {"batch": 0}
+
+    def __iter__(self):
+        for batch in self.batches:
+            time.sleep(self.delay)
+            yield batch
+
+
+@pytest.mark.parametrize("delay, device_seconds, low, high", [
+    (0.0, 0.1, 0.0, 0.1),  # an instant loader, while the "GPU" catches up at each sync
+    (0.3, 0.0, 0.5, 1.0),  # a loader that is the bottleneck
+])
+def test_data_wait_share_is_the_time_blocked_on_the_loader(monkeypatch, delay, device_seconds,
+                                                           low, high):
+    """On an asynchronous device the step's work is done while the host waits at the sync;
+    that wait is step time, and only `next(loader)` counts as waiting for data."""
+    torch.manual_seed(0)
+    model = UNet(19, width=4, depth=1)
+    batches = [{"image": torch.randn(2, 3, 8, 8), "label": torch.randint(0, 19, (2, 8, 8))}
+               for _ in range(8)]
+    real_reduce = distributed.all_reduce_sum
+
+    def device_catching_up(tensor):
+        time.sleep(device_seconds * (len(tensor) - 2))  # the queued steps finish now
+        return real_reduce(tensor)
+
+    monkeypatch.setattr(distributed, "all_reduce_sum", device_catching_up)
+    cfg = tiny("unused", "unused", log_every=4, epochs=1)
+    state = EpochState()
+    run = {"epoch": 0, "step": 0, "elapsed": 0.0, "stop": False, "total_steps": 8}
+    dist = distributed.Dist(0, 1, 0, torch.device("cpu"))
+    criterion = build_loss("segment", palette=[[0, 0, 0]] * 19)
+    optimizer = engine.build_optimizer(model, cfg)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    engine.train_step(model, batches[0], criterion, optimizer, scaler, amp="off")  # warm up
+    assert train_one_epoch(model, FakeLoader(batches, delay), criterion, optimizer, scaler,
+                           cfg=cfg, dist=dist, run=run, stopper=Stopper(),
+                           epoch_state=state) is None
+    assert state.batches == 8 and run["step"] == 8
+    share = state.wait / state.seconds
+    assert low <= share <= high, share
+    # the clock every rank agrees on lags by the last sync, which the next window counts
+    assert 0 < run["elapsed"] <= state.seconds
+
+
+@pytest.mark.parametrize("log_every", [1, 3, 20])
+def test_non_finite_loss_names_its_step_whatever_the_cadence(make_dataset, tmp_path,
+                                                             monkeypatch, log_every):
+    images, labels, names = blocks(12)
+    data = make_dataset({"train": (images, labels, names)})
+    real_step, steps = engine.train_step, []
+
+    def poisoned(*args, **kwargs):
+        loss = real_step(*args, **kwargs)
+        steps.append(1)
+        return loss * float("inf") if len(steps) == 5 else loss
+
+    monkeypatch.setattr(engine, "train_step", poisoned)
+    with pytest.raises(TrainingError, match=r"non-finite loss \(inf\) at epoch 2, step 5 "
+                                            rf"\(losses are read every --log-every {log_every}"):
+        fit(tiny(data, tmp_path / "run", epochs=3, batch_size=4, log_every=log_every))
+    assert len(steps) == (6 if log_every in (3, 20) else 5)  # the end of the window, or now
+    assert load_checkpoint(tmp_path / "run/checkpoints/last.pt")["epoch"] == 1
+
+
+def _saved_on_eight_gpus(path, epoch: int, batch: int, global_batch: int) -> None:
+    """Rewrite a CPU checkpoint as if 8 CUDA processes had written it mid-epoch."""
+    state = load_checkpoint(path)
+    state["rng"]["cuda"] = [torch.ByteTensor(16).fill_(k) for k in range(8)]
+    state["loader"] = {"epoch": epoch, "batch": batch, "global_batch": global_batch}
+    state.update(epoch=epoch, step=epoch * 3 + batch, world_size=8)
+    save_checkpoint(path, {k: v for k, v in state.items() if k not in ("format",
+                                                                       "format_version")})
+
+
+def test_resume_on_fewer_processes_continues_or_says_what_would(make_dataset, tmp_path):
+    images, labels, names = blocks(24)
+    data = make_dataset({"train": (images, labels, names)})
+    run = tmp_path / "run"
+    fit(tiny(data, run, epochs=1, batch_size=8))
+    last = run / "checkpoints" / "last.pt"
+    # 8 processes x 1 image stopped after 2 of 3 global batches of epoch 2: 16 images read
+    _saved_on_eight_gpus(last, epoch=1, batch=2, global_batch=8)
+    with pytest.raises(TrainingError, match=r"cannot resume exactly: the checkpoint stopped 16 "
+                                            r"images into epoch 2 .* global batch of 6 "
+                                            r"\(6 per process x 1\) does not divide 16; "
+                                            r"resume with --batch-size 8"):
+        fit(tiny(data, run, epochs=2, batch_size=6, resume=True))
+    row = fit(tiny(data, run, epochs=2, batch_size=4, resume=True))  # 16 / 4: batch 4 of 6
+    resumed = load_checkpoint(last)
+    assert resumed["epoch"] == 2 and resumed["step"] == 12  # 2 x 6 steps of 4, restated
+    assert resumed["loader"] == {"epoch": 2, "batch": 0, "global_batch": 4}
+    assert "cuda" not in resumed["rng"]  # a CPU run keeps no CUDA state
+    assert row["epoch"] == 2
+
+
+def test_compile_with_ddp_and_sync_batchnorm_is_refused_with_the_reason():
+    two = distributed.Dist(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"))
+    cfg = tiny("unused", "unused-run", compile=True)
+    with pytest.raises(TrainingError, match="--compile with several processes needs "
+                                            "--no-sync-bn: SyncBatchNorm"):
+        fit_module._fit(cfg, two)
