@@ -234,3 +234,7 @@ def bench_loader(data_dir: Path, batch_size: int, workers: int | None, crop: str
                                      crop=(h, w), batches=batches, baseline=not no_baseline,
                                      backend=backend)
     click.echo(loader_bench.format_rows(rows))
+
+
+if __name__ == "__main__":
+    main()

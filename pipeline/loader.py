@@ -14,60 +14,23 @@ shares all of this module but the geometry kernels.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
+import re
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from pipeline.geometry import augment_batch
+from pipeline.host import usable_cpus
 from pipeline.photometric import Normalizer
-from pipeline.sampling import (
-    Augment,
-    Plan,
-    ShardReader,
-    check_shards,
-    draw_augment,
-    ignore_ctrl_c,
-)
+from pipeline.sampling import Augment, Plan, ShardReader, ShardSource, check_shards
 from pipeline.shards import ShardError, load_manifest
 
-
-class ShardSource:
-    """The per-sample callable of DALI's parallel external_source: stateless and picklable.
-
-    The pipeline is one endless stream of batches: batch g of the stream (counted from `start`)
-    is batch g % B of epoch g // B, B = batches per epoch on this rank. Positions past the end
-    of a short last evaluation batch get a blank sample with index -1, cut off afterwards.
-    """
-
-    def __init__(self, reader: ShardReader, plan: Plan, aug: Augment | None,
-                 size: tuple[int, int], start: int) -> None:
-        self.reader, self.plan, self.aug, self.size, self.start = reader, plan, aug, size, start
-        self._orders: dict[int, np.ndarray] = {}
-
-    def __setstate__(self, state: dict) -> None:  # only ever unpickled in a DALI worker
-        self.__dict__.update(state)
-        ignore_ctrl_c()
-
-    def __call__(self, info) -> tuple[np.ndarray, ...]:
-        epoch, b = divmod(self.start + info.iteration, self.plan.batches)
-        if epoch not in self._orders:
-            self._orders = {epoch: self.plan.order(epoch)}
-        order, pos = self._orders[epoch], b * self.plan.batch_size + info.idx_in_batch
-        if pos >= len(order):  # only in evaluation, which has no params output
-            blank = np.zeros((*self.size, 3), np.uint8)
-            return blank, blank[..., :1].copy(), np.full(1, -1, np.int64)
-        index = int(order[pos])
-        image, label = self.reader.read(index)
-        sample = image, label[..., None], np.array([index], np.int64)
-        if self.aug is None:
-            return sample
-        return *sample, draw_augment(self.plan.seed, epoch, index, self.size, self.aug)
-
-
-# -- the graph: `params` is the per-sample vector of `draw_augment`; slicing it feeds the same
-# draw to image and label. Both leave as uint8 HWC; `photometric.Normalizer` takes it from there.
+# -- the GPU graph: `params` is the per-sample vector of `draw_augment`; slicing it feeds the
+# same draw to image and label. Both leave as uint8 HWC; `photometric.Normalizer` takes it on.
 
 def scale_crop_flip(image, label, params):
     """Resize the random source window (mirrored when flipped) to the output size.
@@ -93,18 +56,22 @@ def pad(image, label, crop):
 
 
 def segmentation_graph(source, *, aug: Augment | None, gpu: bool, parallel: bool):
-    """Read (CPU workers) -> to the GPU if any -> scale, crop and flip -> pad to the crop."""
+    """Read (CPU workers) -> to the GPU -> scale, crop and flip -> pad to the crop.
+
+    Without a GPU the graph only reads: DALI's CPU resize is slow, so `pipeline.geometry`
+    does the geometry on the batch in torch's uint8 kernels (the same as the torch backend).
+    """
     from nvidia.dali import fn
 
     extra = dict(parallel=True, prefetch_queue_depth=2) if parallel else {}
     n = 3 if aug is None else 4  # image, label, index (, params)
     image, label, index, *params = fn.external_source(
         source, num_outputs=n, batch=False, layout=["HWC", "HWC"] + [None] * (n - 2), **extra)
-    if gpu:
-        image, label = image.gpu(), label.gpu()
     if aug is None:
-        return image, label, index
-    image, label = scale_crop_flip(image, label, params[0])
+        return (image.gpu(), label.gpu(), index) if gpu else (image, label, index)
+    if not gpu:
+        return image, label, index, params[0]
+    image, label = scale_crop_flip(image.gpu(), label.gpu(), params[0])
     image, label = pad(image, label, aug.crop)
     return image, label, index, params[0]  # colour jitter and normalization: in torch
 
@@ -197,13 +164,62 @@ class Loader:
 
 
 def worker_error(e: Exception) -> Exception:
-    """A worker's ShardError arrives wrapped in traceback text: unwrap it to its one line."""
+    """A worker's error, as the user should read it.
+
+    A ShardError arrives wrapped in traceback text: unwrapped to its one line. Workers that
+    could not start at all are, nearly always, a script without a main guard: said so.
+    """
     mark = f"{ShardError.__module__}.{ShardError.__name__}: "
     lines = [x for x in str(e).splitlines() if x.startswith(mark)]
-    return ShardError(lines[-1][len(mark):]) if lines else e
+    if lines:
+        return ShardError(lines[-1][len(mark):])
+    text = str(e)
+    if "Workers initialization failed" in text or "exited unexpectedly" in text:
+        return RuntimeError(_workers_failed(text))
+    return e
+
+
+GUARD = 'if __name__ == "__main__":'
+
+
+def _unguarded_main() -> str | None:
+    """The main script's path when it has no main guard, else None."""
+    path = getattr(sys.modules.get("__main__"), "__file__", None)
+    try:
+        text = Path(path).read_text() if path and path.endswith(".py") else None
+    except OSError:
+        return None
+    if text is None or re.search(r"""if\s+__name__\s*==\s*['"]__main__['"]\s*:""", text):
+        return None
+    return path
+
+
+def _workers_failed(cause: str) -> str:
+    why = ("they are spawned (safe beside CUDA), and spawn runs the main script again in "
+           "each worker, so a script that builds a loader at its top level builds it again "
+           "in every worker")
+    script = _unguarded_main()
+    if script:
+        return (f"the loader's worker processes could not start: {script} has no "
+                f"`{GUARD}` guard. {why[0].upper()}{why[1:]}. Put the script's code under "
+                f"`{GUARD}`, or build the loader with workers=0 (read in this process)")
+    return (f"the loader's worker processes could not start ({cause.strip()}). If the main "
+            f"script builds the loader at its top level: {why}; put its code under `{GUARD}`, "
+            "or build the loader with workers=0")
+
+
+def _refuse_in_starting_worker() -> None:
+    """A worker re-running an unguarded script reaches `build_loader`: end it in one line."""
+    if multiprocessing.parent_process() is not None and \
+            getattr(multiprocessing.current_process(), "_inheriting", False):
+        print(f"error: a loader worker re-ran {_unguarded_main() or 'the main script'} up to "
+              f"build_loader(); put the script under `{GUARD}`", file=sys.stderr)
+        raise SystemExit(1)
 
 
 class DaliLoader(Loader):
+    backend = "dali"
+
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._iter, self._pipe, self._stream = None, None, -1
@@ -225,9 +241,9 @@ class DaliLoader(Loader):
             device_id=self.device.index if gpu else None, seed=self.plan.seed,
             py_num_workers=max(1, self.workers), py_start_method="spawn",
             prefetch_queue_depth=2)
-        self._pipe.build()
         names = ["image", "label", "index"] + (["params"] if self.aug else [])
-        try:  # the iterator runs the pipeline ahead at once
+        try:  # building starts the workers; the iterator runs the pipeline ahead at once
+            self._pipe.build()
             self._iter = DALIGenericIterator(self._pipe, names, auto_reset=False)
         except Exception as e:
             self.close()
@@ -248,8 +264,12 @@ class DaliLoader(Loader):
                 raise worker_error(e) from None
             self._stream += 1
             n, left = min(self.batch_size, left), left - self.batch_size
-            params = out["params"][:n] if self.aug else None
-            yield out["image"][:n], out["label"][:n], out["index"][:n], params
+            image, label, params = out["image"][:n], out["label"][:n], None
+            if self.aug:
+                params = out["params"][:n]
+                if self.device.type != "cuda":
+                    image, label = augment_batch(image, label, params, self.aug.crop)
+            yield image, label, out["index"][:n], params
 
     def close(self) -> None:
         pool = getattr(self._pipe, "_py_pool", None)
@@ -283,6 +303,30 @@ def dali_cuda_mismatch() -> str | None:
 
 _noticed = []
 
+# A reader worker reads and pickles a sample in about a millisecond; four keep ahead of any
+# GPU's appetite (~150 images/s at 512x1024 on an H100) many times over.
+READERS_PER_RANK = 4
+
+
+def default_workers(backend: str) -> int:
+    """Worker processes per loader when none are asked for.
+
+    This process's share of the CPUs it may use (affinity and cgroup quota, divided among
+    the local ranks). DALI's workers only read (the geometry runs on the GPU, or in the
+    trainer on a CPU), so a few are enough; the torch backend's workers also resize.
+    """
+    share = max(1, usable_cpus() // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    return min(share, READERS_PER_RANK) if backend == "dali" else share
+
+
+def padded_share(size: tuple[int, int], aug: Augment) -> float:
+    """Mean share of a training crop that is padding, over the random scale's range."""
+    shares = []
+    for s in np.linspace(aug.scale[0], aug.scale[1], 101):
+        h, w = (min(c, max(1, round(n * s))) for c, n in zip(aug.crop, size))
+        shares.append(1 - h * w / (aug.crop[0] * aug.crop[1]))
+    return float(np.mean(shares))
+
 
 def build_loader(data_dir: str | Path, split: str, batch_size: int, *, train: bool,
                  crop: tuple[int, int] = (512, 1024), scale: tuple[float, float] = (0.5, 2.0),
@@ -292,11 +336,12 @@ def build_loader(data_dir: str | Path, split: str, batch_size: int, *, train: bo
                  channels_last: bool = False, backend: str = "auto") -> Loader:
     """A loader over `split` of the shard folder `data_dir`; see "Loader contract" in DESIGN.md.
 
-    `crop` is (H, W); `workers` reader processes (None: the CPUs per local rank; 0: read in
-    this process); `backend` "dali", "torch" or "auto" (DALI when importable). `device` is
+    `crop` is (H, W); `workers` reader processes (None: `default_workers`; 0: read in this
+    process); `backend` "dali", "torch" or "auto" (DALI when importable). `device` is
     the process's device as `train.distributed.setup` chose it (a string goes through the same
     `local_device`), so model and loader always agree.
     """
+    _refuse_in_starting_worker()
     if batch_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"need batch_size >= 1 and 0 <= rank < world_size, got {batch_size}, "
                          f"{rank}, {world_size}")
@@ -320,9 +365,15 @@ def build_loader(data_dir: str | Path, split: str, batch_size: int, *, train: bo
     manifest = load_manifest(data_dir)
     files, counts, size = check_shards(data_dir, manifest, split)
     if workers is None:
-        workers = max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+        workers = default_workers(backend)
     plan = Plan(sum(counts), batch_size, train, rank, world_size, seed)
     aug = Augment(tuple(crop), tuple(scale), bool(flip), float(jitter)) if train else None
+    if aug is not None and rank == 0 and (aug.crop[0] > size[0] or aug.crop[1] > size[1]):
+        print(f"warning: crop {aug.crop[0]}x{aug.crop[1]} (HxW) is larger than the shards' "
+              f"{size[0]}x{size[1]} in {data_dir}: on average {padded_share(size, aug):.0%} "
+              f"of each training sample is padding, which trains nothing; use --crop "
+              f"{min(aug.crop[0], size[0])}x{min(aug.crop[1], size[1])} or preprocess at a "
+              "larger --size", file=sys.stderr)
     cls = DaliLoader
     if backend == "torch":
         from pipeline.torch_loader import TorchLoader as cls

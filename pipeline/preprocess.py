@@ -23,8 +23,6 @@ from __future__ import annotations
 import errno
 import json
 import multiprocessing as mp
-import os
-import signal
 import sys
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -36,6 +34,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from pipeline.cityscapes import DatasetError, Pair, find_pairs, read_image, read_label_ids
+from pipeline.host import usable_cpus, worker_setup
 from pipeline.labels import Mapping, get_mapping
 from pipeline.shards import (
     COMPRESSIONS,
@@ -165,14 +164,6 @@ def write_shard(task: Task, out: Path, size: tuple[int, int], mapping: Mapping,
         raise PreprocessError(f"{path}: cannot write ({e})") from None
 
 
-def _cpu_count() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def _init_worker() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops us
-
-
 # -- the job -------------------------------------------------------------------------------------
 
 
@@ -290,7 +281,7 @@ def _stop(pool: ProcessPoolExecutor) -> None:
 
 def _run(todo: list[Task], out: Path, args: tuple, workers: int, bar: tqdm) -> None:
     ctx = mp.get_context("fork" if sys.platform == "linux" else "spawn")
-    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker)
+    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=worker_setup)
     futures = {pool.submit(write_shard, t, out, *args): t for t in todo}
     order = {fut: i for i, fut in enumerate(futures)}
     try:
@@ -354,7 +345,7 @@ def preprocess(
         known.update(_read_records(out))
         todo = [t for t in mine if not _is_done(out, t, known.get(t.file))]
         _sweep(out, todo)
-        workers = max(1, min(workers or _cpu_count(), len(todo) or 1))
+        workers = max(1, min(workers or usable_cpus(), len(todo) or 1))
         total = sum(len(t.pairs) for t in todo)
         with tqdm(total=total, unit="img", desc=f"preprocess {out.name}",
                   disable=not progress or not total, dynamic_ncols=True) as bar:

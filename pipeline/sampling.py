@@ -3,17 +3,18 @@
 Everything here is a pure function of (seed, epoch, index) and the split's size, shared by both
 loader backends (`pipeline/loader.py` for DALI, `pipeline/torch_loader.py`), so a run resumed
 from the loader's `state_dict()` replays the uninterrupted one exactly, on either backend.
+This module is what a reader worker process imports: numpy and h5py, never torch.
 """
 
 from __future__ import annotations
 
-import signal
 from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
 import numpy as np
 
+from pipeline.host import worker_setup
 from pipeline.shards import ShardError, shard_info, split_shards
 
 NUM_PARAMS = 11  # roi y0 x0 y1 x1, output h w, flip, brightness contrast saturation, hue (turns)
@@ -84,16 +85,6 @@ def draw_augment(seed: int, epoch: int, index: int, size: tuple[int, int],
     return p
 
 
-def ignore_ctrl_c(*_worker_id: int) -> None:
-    """Run in each loader worker: leave Ctrl-C to the trainer.
-
-    A terminal's Ctrl-C reaches the whole process group. The trainer finishes its step, saves
-    and closes the loader, which stops the workers; a worker dying of KeyboardInterrupt first
-    would only print a traceback and starve that last step of data.
-    """
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
 class ShardReader:
     """Sample `index` of a split -> (image HxWx3, label HxW); files open lazily per process."""
 
@@ -114,6 +105,40 @@ class ShardReader:
         except OSError as e:
             raise ShardError(f"{self.files[k]}: sample {i} unreadable ({e}); "
                              "run `cityprep verify`") from None
+
+
+class ShardSource:
+    """The per-sample callable of DALI's parallel external_source: stateless and picklable.
+
+    The pipeline is one endless stream of batches: batch g of the stream (counted from `start`)
+    is batch g % B of epoch g // B, B = batches per epoch on this rank. Positions past the end
+    of a short last evaluation batch get a blank sample with index -1, cut off afterwards.
+    """
+
+    def __init__(self, reader: ShardReader, plan: Plan, aug: Augment | None,
+                 size: tuple[int, int], start: int) -> None:
+        self.reader, self.plan, self.aug, self.size, self.start = reader, plan, aug, size, start
+        self._orders: dict[int, np.ndarray] = {}
+
+    def __setstate__(self, state: dict) -> None:  # only ever unpickled in a DALI worker
+        self.__dict__.update(state)
+        worker_setup()
+
+    def __call__(self, info) -> tuple[np.ndarray, ...]:
+        epoch, b = divmod(self.start + info.iteration, self.plan.batches)
+        if epoch not in self._orders:
+            self._orders = {epoch: self.plan.order(epoch)}
+        order, pos = self._orders[epoch], b * self.plan.batch_size + info.idx_in_batch
+        if pos >= len(order):  # only in evaluation, which has no params output
+            blank = np.zeros((*self.size, 3), np.uint8)
+            return blank, blank[..., :1].copy(), np.full(1, -1, np.int64)
+        index = int(order[pos])
+        image, label = self.reader.read(index)
+        sample = image, label[..., None], np.array([index], np.int64)
+        if self.aug is None:
+            return sample
+        return *sample, draw_augment(self.plan.seed, epoch, index, self.size, self.aug)
+
 
 
 def check_shards(data_dir: Path, manifest: dict, split: str) -> tuple[list, list, tuple]:

@@ -1,42 +1,21 @@
-"""The fallback loader for machines without DALI (macOS, aarch64): torch DataLoader + v2 transforms.
+"""The fallback loader for machines without DALI (macOS, aarch64): a torch DataLoader.
 
-Same contract, same sample order and the same random values as the DALI graph (both come from
-`pipeline.sampling`), and the same colour jitter and normalization on the device (`Loader`
-applies them to both); only the geometry kernels differ: torchvision's v2 functionals on an
-`Image` and a `Mask` (nearest, never blended) in spawned worker processes.
+Same contract, same sample order and the same random values as the DALI loader (both come
+from `pipeline.sampling`), the same geometry as its CPU path (`pipeline.geometry`, here in
+spawned worker processes) and the same colour jitter and normalization on the device
+(`Loader` applies them to both): on the CPU the two backends give identical batches.
 """
 
 from __future__ import annotations
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
-from torchvision import tv_tensors
-from torchvision.transforms.v2 import InterpolationMode
-from torchvision.transforms.v2 import functional as F
 
+from pipeline.geometry import pad, scale_crop_flip
+from pipeline.host import worker_setup
 from pipeline.loader import Loader, worker_error
-from pipeline.sampling import Augment, Plan, ShardReader, draw_augment, ignore_ctrl_c
+from pipeline.sampling import Augment, Plan, ShardReader, draw_augment
 from pipeline.shards import ShardError
-
-
-def scale_crop_flip(image, label, p):
-    """The window of `draw_augment` resized to its output size; swapped x ends mean mirrored."""
-    top, bottom, h, w = int(p[0]), int(p[2]), int(p[4]), int(p[5])
-    left, right = sorted((int(p[1]), int(p[3])))
-    image = F.crop(image, top, left, bottom - top, right - left)
-    label = F.crop(label, top, left, bottom - top, right - left)
-    image = F.resize(image, [h, w], interpolation=InterpolationMode.BILINEAR, antialias=False)
-    label = F.resize(label, [h, w], interpolation=InterpolationMode.NEAREST_EXACT)
-    if p[6] > 0.5:
-        image, label = F.horizontal_flip(image), F.horizontal_flip(label)
-    return image, label
-
-
-def pad(image, label, crop):
-    """Pad bottom/right up to the crop: image 0, label 255 (ignore)."""
-    h, w = image.shape[-2:]
-    padding = [0, 0, crop[1] - w, crop[0] - h]  # left, top, right, bottom
-    return F.pad(image, padding, fill=0), F.pad(label, padding, fill=255)
 
 
 class ShardDataset(Dataset):
@@ -48,18 +27,13 @@ class ShardDataset(Dataset):
 
     def __getitem__(self, key: tuple[int, int]):
         epoch, index = key
-        image, label = self.reader.read(index)
-        # HWC seen as CHW: channels_last strides, which torch resizes fastest
-        image = tv_tensors.Image(torch.from_numpy(image).permute(2, 0, 1))
-        label = tv_tensors.Mask(torch.from_numpy(label))
+        image, label = (torch.from_numpy(a) for a in self.reader.read(index))
         params = torch.zeros(0)
         if self.aug is not None:
             p = draw_augment(self.seed, epoch, index, self.size, self.aug)
-            image, label = scale_crop_flip(image, label, p)
-            image, label = pad(image, label, self.aug.crop)
+            image, label = pad(*scale_crop_flip(image, label, p), self.aug.crop)
             params = torch.from_numpy(p)
-        hwc = image.as_subclass(torch.Tensor).permute(1, 2, 0).contiguous()
-        return hwc, label.as_subclass(torch.Tensor), index, params
+        return image, label, index, params
 
 
 class PassSampler(Sampler):
@@ -78,6 +52,8 @@ class PassSampler(Sampler):
 
 
 class TorchLoader(Loader):
+    backend = "torch"
+
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._sampler, self._loader = PassSampler(self.plan), None
@@ -88,7 +64,7 @@ class TorchLoader(Loader):
         extra = {}
         if self.workers > 0:  # spawn, not fork: the trainer may already hold a CUDA context
             extra = dict(multiprocessing_context="spawn", persistent_workers=True,
-                         worker_init_fn=ignore_ctrl_c)
+                         worker_init_fn=worker_setup)
         return DataLoader(dataset, batch_sampler=self._sampler, num_workers=self.workers,
                           pin_memory=self.device.type == "cuda", **extra)
 
@@ -104,7 +80,8 @@ class TorchLoader(Loader):
                 image, label, index, params = next(batches)
             except StopIteration:
                 return
-            except ShardError as e:
+            except (ShardError, RuntimeError) as e:
+                self.close()
                 raise worker_error(e) from None
             image = image.to(self.device, non_blocking=True)
             label = label.to(self.device, non_blocking=True)

@@ -3,6 +3,7 @@ a true data-wait share, resume on another number of processes, --compile refused
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import replace
 
@@ -64,7 +65,7 @@ def test_model_and_loader_get_the_same_gpu(make_dataset, monkeypatch, visible, l
     monkeypatch.setattr(fit_module, "build_loader", recording_build)
     monkeypatch.setattr(fit_module, "UNet", PlacedModel)
     with pytest.raises(_Placed):
-        fit(replace(tiny(data, "unused"), device="auto", workers=0))
+        fit(replace(tiny(data, "unused"), device="auto", workers=0, preflight=False))
     assert seen == {"loaders": [gpu], "model": gpu}
 
 
@@ -92,7 +93,8 @@ def test_training_steps_do_not_wait_for_the_device(make_dataset, tmp_path, monke
         real = getattr(torch.Tensor, name)
 
         def wrapper(self, *args, _real=real, _name=name, **kwargs):
-            if counting[0]:
+            # pipeline/geometry.py is the CPU path of the loader: it never runs for a GPU
+            if counting[0] and not sys._getframe(1).f_code.co_filename.endswith("geometry.py"):
                 calls.append(_name)
             return _real(self, *args, **kwargs)
 

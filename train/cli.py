@@ -125,6 +125,8 @@ def main() -> None:
 @click.option("--seed", default=DEFAULTS.seed, type=int)
 @click.option("--resume", is_flag=True, help="Continue from OUT/checkpoints/last.pt.")
 @click.option("--progress/--no-progress", default=True)
+@click.option("--preflight/--no-preflight", default=DEFAULTS.preflight,
+              help="Measure one step's memory first; stop with a message if it won't fit.")
 @friendly_errors
 def fit(compile_: bool, crop: str, scale: str, data: Path, out: Path, **kwargs) -> None:
     """Train a U-Net; writes config, metrics, TensorBoard events, checkpoints, pictures."""
@@ -190,6 +192,7 @@ def evaluate(checkpoint: Path, data: Path, split: str, out: Path | None,
             cm, _, _ = run_eval(model, loader, None, num_classes=len(state["classes"]),
                                 losstype=state["losstype"], palette=state["palette"],
                                 device=dist.device, amp=amp)
+            loader.close()
             scores = cm.compute(state["classes"], state.get("categories"))
             metrics = {"split": split, "resolution": "shard", **scores,
                        "images": loader.num_samples}

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from pipeline.loader import build_loader
 from pipeline.shards import load_manifest
-from train import distributed
+from train import distributed, preflight
 from train.checkpoint import (
     check_arch,
     check_classes,
@@ -103,6 +103,11 @@ def _fit(cfg: Config, dist: distributed.Dist) -> dict:
                                   std=std, **common)
     classes, categories = list(train_loader.classes), list(manifest["categories"])
     palette = np.asarray(train_loader.palette, dtype=np.uint8)
+    memory = None
+    if cfg.preflight:  # stop now, with a message, rather than in the OOM killer
+        with torch.random.fork_rng(devices=[dist.device] if dist.device.type == "cuda" else []):
+            memory = preflight.check_fits(cfg, dist, len(classes), train_loader.aug.crop,
+                                          train_loader.workers, train_loader.backend)
 
     # model, loss, optimizer
     model = UNet(output_channels(cfg.losstype, len(classes)), width=cfg.width, depth=cfg.depth,
@@ -146,7 +151,7 @@ def _fit(cfg: Config, dist: distributed.Dist) -> dict:
                     resume_step=run["step"] if cfg.resume else None)
     rundir.write_config({
         "config": asdict(cfg), "world_size": dist.world_size, "device": str(dist.device),
-        "cuda_settings": speed,
+        "cuda_settings": speed, "preflight": memory,
         "model": arch, "classes": classes, "mean": mean, "std": std,
         "data": {"manifest_config": manifest["config"],
                  "samples": {s: v["samples"] for s, v in manifest["splits"].items()}},
@@ -171,6 +176,7 @@ def _fit(cfg: Config, dist: distributed.Dist) -> dict:
         }
 
     row: dict = {}
+    loaders = [x for x in (train_loader, val_loader) if x is not None]
     try:
         with Stopper().installed() as stopper:
             for epoch in range(run["epoch"], cfg.epochs):
@@ -198,6 +204,7 @@ def _fit(cfg: Config, dist: distributed.Dist) -> dict:
                         eval_model, val_loader, criterion, num_classes=len(classes),
                         losstype=cfg.losstype, palette=palette, device=dist.device,
                         amp=cfg.amp, keep=cfg.grid_samples if dist.is_main else 0)
+                    val_loader.close()  # its workers would idle until the next evaluation
                     scores = cm.compute(classes, categories)
                     # evaluation counts against --time-limit too, the same on every rank
                     spent = torch.tensor([time.perf_counter() - tick], dtype=torch.float64,
@@ -221,6 +228,8 @@ def _fit(cfg: Config, dist: distributed.Dist) -> dict:
                 if final or time_up(cfg, run):
                     break
     finally:
+        for loader in loaders:
+            loader.close()
         rundir.close()
     return row
 

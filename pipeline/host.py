@@ -1,0 +1,108 @@
+"""What this process may use of its host, and how its worker processes behave.
+
+- `usable_cpus()`: the CPUs this process may run on (its affinity mask, and the CPU quota of
+  its cgroup, v1 or v2), not the machine's count: a SLURM job or a container gets a share.
+- `available_memory()`: what can still be allocated, the cgroup's limit included.
+- `worker_setup()`: run first in every worker process (loaders, preprocessing): Ctrl-C is
+  left to the parent, and a worker exits as soon as its parent dies, however it died
+  (SIGKILL and the OOM killer included), instead of lingering with its memory.
+
+Free of torch: the loader's reader workers import this.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import multiprocessing.connection
+import os
+import signal
+import threading
+from pathlib import Path
+
+CGROUP = Path("/sys/fs/cgroup")
+
+
+def _cgroup_dirs(controller: str) -> list[Path]:
+    """This process's cgroup folders for `controller` (v2 unified, v1 per controller)."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return []
+    dirs = []
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "" or controller in controllers.split(","):
+            root = CGROUP if controllers == "" else CGROUP / controller
+            dirs += [root / path.lstrip("/"), root]  # the container may see its cgroup as /
+    return [d for d in dirs if d.is_dir()]
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return None
+
+
+def cgroup_cpu_limit() -> float | None:
+    """CPUs the cgroup quota allows (e.g. 2.5), or None without a quota."""
+    for d in _cgroup_dirs("cpu"):
+        v2 = _read(d / "cpu.max")  # "max 100000" or "250000 100000"
+        if v2:
+            quota, period = v2.split()
+            if quota != "max":
+                return int(quota) / int(period)
+        quota, period = _read(d / "cpu.cfs_quota_us"), _read(d / "cpu.cfs_period_us")
+        if quota and period and int(quota) > 0:
+            return int(quota) / int(period)
+    return None
+
+
+def usable_cpus() -> int:
+    """CPUs this process may use: its affinity, capped by its cgroup's quota (at least 1)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
+        else os.cpu_count() or 1
+    quota = cgroup_cpu_limit()
+    if quota is not None:
+        cpus = min(cpus, max(1, int(quota)))
+    return max(1, cpus)
+
+
+def available_memory() -> int:
+    """Bytes that can still be allocated on this host: MemAvailable, or the cgroup's headroom
+    where its limit is lower."""
+    meminfo = _read(Path("/proc/meminfo")) or ""
+    available = next((int(line.split()[1]) * 1024 for line in meminfo.splitlines()
+                      if line.startswith("MemAvailable:")), None)
+    if available is None:
+        available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    for d in _cgroup_dirs("memory"):
+        limit = _read(d / "memory.max") or _read(d / "memory.limit_in_bytes")
+        usage = _read(d / "memory.current") or _read(d / "memory.usage_in_bytes")
+        if limit and limit != "max" and usage and int(limit) < 2**60:
+            available = min(available, int(limit) - int(usage))
+            break
+    return max(0, available)
+
+
+def _exit_with_parent(sentinel: int) -> None:
+    multiprocessing.connection.wait([sentinel])  # readable once the parent is gone
+    os._exit(1)
+
+
+def worker_setup(*_worker_id: int) -> None:
+    """Run in each worker process: leave Ctrl-C to the parent; die with the parent.
+
+    A terminal's Ctrl-C reaches the whole process group: the trainer finishes its step,
+    saves and closes its loaders, which stops the workers; a worker dying of
+    KeyboardInterrupt first would only print a traceback and starve that last step.
+    A parent killed outright cannot stop its workers, so each watches the pipe that
+    multiprocessing keeps open to its parent (the parent's "sentinel"): it reads as closed
+    the moment the parent dies, and the worker exits at once, freeing its memory and shared
+    segments, rather than waiting for work that will never come.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    parent = multiprocessing.parent_process()
+    if parent is not None and getattr(parent, "sentinel", None) is not None:
+        threading.Thread(target=_exit_with_parent, args=(parent.sentinel,), daemon=True,
+                         name="exit-with-parent").start()

@@ -1,0 +1,175 @@
+"""Before training: will one step fit? Measured on a small probe, not learned from the OOM killer.
+
+A U-Net step's memory is a fixed part (the process, weights, gradients, optimizer state) plus
+activations that grow linearly with the images' pixels. Two probe steps of the configured
+model and precision on this device, at batch 1 and 2 on a crop of half the height and width,
+give both parts (the optimizer's state, created after the first step's peak, is added from
+the parameter count); the configured batch follows by extrapolation. The probes take seconds
+where the real step could take the whole host.
+
+On CUDA it is measured with the allocator's peak (`max_memory_allocated`) against the GPU's
+free memory; on the CPU with the process's peak resident size (reset through
+/proc/self/clear_refs) against what the host and its cgroup have available, for all local
+ranks together plus their loader workers. Every rank takes the same decision; where the step
+won't fit, the run stops with one message giving both figures and settings that would fit.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import resource
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pipeline.host import available_memory
+from train import distributed
+from train.config import Config, TrainingError
+from train.engine import build_optimizer, train_step
+from train.losses import build_loss, output_channels
+from train.model import UNet
+
+GB = 1e9
+# Resident memory of one loader worker process (measured: a DALI reader ~200 MB; a torch
+# DataLoader worker holds torch itself, most of it shared library pages)
+WORKER_BYTES = {"dali": 0.25 * GB, "torch": 0.6 * GB}
+MARGIN = 1.1  # allocator fragmentation, cuDNN workspaces, the loader's own batches
+
+
+@dataclass(frozen=True)
+class Estimate:
+    fixed: float  # bytes: the process, weights, gradients, optimizer state
+    per_pixel: float  # bytes per pixel of the batch (images x H x W)
+
+    def need(self, batch: int, pixels: int) -> float:
+        return MARGIN * (self.fixed + self.per_pixel * batch * pixels)
+
+
+def _status(key: str) -> float | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024.0
+    except OSError:
+        pass
+    return None
+
+
+def _peak_rss() -> float:
+    peak = _status("VmHWM")
+    return peak if peak is not None else \
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0
+
+
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # peak RSS := current RSS
+    except OSError:
+        pass  # the peak only grows then; the probes run smallest first
+
+
+def _peak(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        return float(torch.cuda.max_memory_allocated(device))
+    return _peak_rss()
+
+
+def probe(cfg: Config, num_classes: int, crop: tuple[int, int], device: torch.device) \
+        -> Estimate:
+    """A real training step of a throwaway copy of the model at batch 1 and one at batch 2,
+    on a crop of half the height and width; returns the fitted fixed and per-pixel memory."""
+    m = 2 ** cfg.depth
+    h, w = (max(m, crop[0] // 2 // m * m), max(m, crop[1] // 2 // m * m))
+    fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    peaks = []
+    for batch in (1, 2):
+        _reset_peak(device)
+        model = UNet(output_channels(cfg.losstype, num_classes), width=cfg.width,
+                     depth=cfg.depth, upsample=cfg.upsample)
+        model = model.to(device, memory_format=fmt).train()
+        optimizer = build_optimizer(model, cfg)
+        scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
+        criterion = build_loss(cfg.losstype, palette=[[0, 0, 0]] * num_classes).to(device)
+        data = {"image": torch.randn(batch, 3, h, w, device=device).contiguous(
+                    memory_format=fmt),
+                "label": torch.zeros(batch, h, w, dtype=torch.long, device=device)}
+        train_step(model, data, criterion, optimizer, scaler, amp=cfg.amp)
+        peaks.append(_peak(device))
+        params = sum(p.numel() * p.element_size() for p in model.parameters())
+        del model, optimizer, scaler, criterion, data
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    per_pixel = max(0.0, (peaks[1] - peaks[0]) / (h * w))
+    # from the second step on, the optimizer's buffers stay through every peak
+    buffers = {"sgd": 1 if cfg.momentum else 0, "adamw": 2}.get(cfg.optimizer, 2)
+    return Estimate(fixed=max(0.0, peaks[0] - per_pixel * h * w) + buffers * params,
+                    per_pixel=per_pixel)
+
+
+def _crop_that_fits(estimate: Estimate, budget: float, batch: int, crop: tuple[int, int],
+                    multiple: int) -> tuple[int, int] | None:
+    pixels = (budget / MARGIN - estimate.fixed) / max(estimate.per_pixel * batch, 1e-9)
+    if pixels <= 0:
+        return None
+    f = min(1.0, math.sqrt(pixels / (crop[0] * crop[1])))
+    h, w = (int(crop[0] * f) // multiple * multiple, int(crop[1] * f) // multiple * multiple)
+    return (h, w) if h >= multiple and w >= multiple else None
+
+
+def check_fits(cfg: Config, dist: distributed.Dist, num_classes: int, crop: tuple[int, int],
+               workers: int, backend: str) -> dict:
+    """Stop (TrainingError) when one step at the configured size will not fit; returns the
+    figures (for config.json). Every rank calls this, and all agree on the verdict."""
+    gpu = dist.device.type == "cuda"
+    distributed.barrier()
+    if gpu:
+        free, _ = torch.cuda.mem_get_info(dist.device)
+        budget, where, ranks = float(free), f"free on {dist.device}", 1
+    else:
+        # the local ranks' own memory counts in their need, so it counts in the budget too
+        ranks = dist.local_world_size
+        budget = float(available_memory()) + ranks * (_status("VmRSS") or 0.0)
+        where = "available on this host (RAM and cgroup limit)"
+    distributed.barrier()  # every rank has looked before any probe allocates
+    estimate = probe(cfg, num_classes, crop, dist.device)
+    pixels = crop[0] * crop[1]
+    step = estimate.need(cfg.batch_size, pixels)
+    workers_bytes = 0.0 if gpu else 2 * workers * WORKER_BYTES.get(backend, GB) * ranks
+    total = step * ranks + workers_bytes
+    verdict = torch.tensor([float(total <= budget)], dtype=torch.float64)
+    fits = float(distributed.all_reduce_sum(verdict.to(dist.device))) == dist.world_size
+    figures = {"step_gb": step / GB, "total_gb": total / GB, "budget_gb": budget / GB,
+               "per_pixel_bytes": estimate.per_pixel, "fixed_gb": estimate.fixed / GB}
+    if fits:
+        return figures
+    per_rank = (budget - workers_bytes) / ranks
+    hints = []
+    batch = int((per_rank / MARGIN - estimate.fixed) // max(estimate.per_pixel * pixels, 1e-9))
+    if batch >= 1:
+        hints.append(f"--batch-size {min(batch, cfg.batch_size - 1)}")
+    small = _crop_that_fits(estimate, per_rank, cfg.batch_size, crop, 2 ** cfg.depth)
+    if small:
+        hints.append(f"--crop {small[0]}x{small[1]}")
+    width = cfg.width // 2
+    while width >= 1 and estimate.need(cfg.batch_size, pixels) * width / cfg.width > per_rank:
+        width //= 2
+    if width >= 1:
+        hints.append(f"--width {width} (about)")
+    if cfg.amp == "off":
+        hints.append("--amp bf16 (about half the activations)")
+    who = f"{ranks} processes on this host" if ranks > 1 else "this process"
+    raise TrainingError(
+        f"not enough memory: one training step at batch {cfg.batch_size}, crop "
+        f"{crop[0]}x{crop[1]}, width {cfg.width}, --amp {cfg.amp} needs about {step / GB:.1f} "
+        f"GB per process, {total / GB:.1f} GB for {who}"
+        + (" with their loader workers" if workers_bytes else "")
+        + f", and {budget / GB:.1f} GB are {where}. It would fit with "
+        + (", or ".join(hints) if hints else "a smaller model")
+        + " (measured on a small probe step; --no-preflight skips this check)")
