@@ -96,7 +96,8 @@ def synth(out: Path, train: int, val: int, size: tuple[int, int], seed: int) -> 
 
 @main.command()
 @click.option("--datadir", required=True, type=click.Path(path_type=Path),
-              help="Cityscapes root holding leftImg8bit/ and gtFine/.")
+              help="Cityscapes root: the leftImg8bit/ and gtFine/ (gtCoarse/) folders, or the "
+                   "official zips as downloaded (read in place), or some of each.")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Output folder [default: data_cache/cityscapes-WxH].")
 @click.option("--split", "splits", multiple=True, default=("train", "val"), show_default=True,
@@ -121,8 +122,9 @@ def preprocess(datadir, out, splits, size, mapping, workers, shard_size, compres
     """Cityscapes PNGs -> remapped, resized shards.
 
     Decodes every pair once, remaps its labelIds, resizes (image area-averaged, label
-    nearest) and writes HDF5 shards plus manifest.json. Rerunning the same command resumes:
-    complete shards are verified and kept. A folder never mixes two configs.
+    nearest) and writes HDF5 shards plus manifest.json. The official zips are read in place,
+    by the workers; the shards are the same as from the extracted files. Rerunning the same
+    command resumes: complete shards are verified and kept. A folder never mixes two configs.
     """
     from pipeline import preprocess as pp
 
@@ -234,3 +236,7 @@ def bench_loader(data_dir: Path, batch_size: int, workers: int | None, crop: str
                                      crop=(h, w), batches=batches, baseline=not no_baseline,
                                      backend=backend)
     click.echo(loader_bench.format_rows(rows))
+
+
+if __name__ == "__main__":
+    main()

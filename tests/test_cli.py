@@ -124,3 +124,13 @@ def test_help(command, flags):
     assert r.exit_code == 0
     for flag in flags:
         assert flag in r.output
+
+
+def test_runs_as_a_module():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    r = subprocess.run([sys.executable, "-m", "pipeline.cli", "--help"], capture_output=True,
+                       text=True, cwd=Path(__file__).resolve().parents[1])
+    assert r.returncode == 0 and "preprocess" in r.stdout, r.stderr

@@ -131,7 +131,8 @@ def fit(compile_: bool, crop: str, scale: str, data: Path, out: Path, **kwargs) 
 @click.option("--export-official", type=click.Path(path_type=Path), default=None,
               help="Write full-resolution labelId PNGs here and score at full resolution.")
 @click.option("--datadir", type=click.Path(path_type=Path), default=None,
-              help="Cityscapes tree with the originals (with --export-official).")
+              help="Cityscapes root with the originals, extracted or the official zips "
+                   "(with --export-official).")
 @click.option("--batch-size", default=4, type=click.IntRange(1))
 @click.option("--amp", default="off", type=click.Choice(["bf16", "fp16", "off"]))
 @click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]))
