@@ -112,14 +112,21 @@ def main() -> None:
               help="Seconds; the LR schedule ends and training stops by then.")
 @click.option("--seed", default=DEFAULTS.seed, type=int)
 @click.option("--resume", is_flag=True, help="Continue from OUT/checkpoints/last.pt.")
+@click.option("--init", type=click.Path(path_type=Path), default=None,
+              help="Fine-tune: start from this checkpoint's model weights (new optimizer, "
+                   "schedule and epochs); same architecture and classes.")
+@click.option("--init-head", default=DEFAULTS.init_head, type=click.Choice(["keep", "reset"]),
+              help="With --init: keep the checkpoint's last layer, or start it afresh (for "
+                   "a checkpoint of another class set).")
 @click.option("--progress/--no-progress", default=True)
 @friendly_errors
-def fit(compile_: bool, crop: str, scale: str, data: Path, out: Path, **kwargs) -> None:
+def fit(compile_: bool, crop: str, scale: str, data: Path, out: Path, init: Path | None,
+        **kwargs) -> None:
     """Train a U-Net; writes config, metrics, TensorBoard events, checkpoints, pictures."""
     from train.fit import fit as run_fit
 
     run_fit(Config(data=str(data), out=str(out), compile=compile_, crop=parse_size(crop),
-                   scale=_range(scale), **kwargs))
+                   scale=_range(scale), init=str(init) if init else None, **kwargs))
 
 
 @main.command()

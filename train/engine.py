@@ -60,6 +60,8 @@ class Config:
     grid_samples: int = 4
     seed: int = 0
     resume: bool = False
+    init: str | None = None  # fine-tune: start from this checkpoint's weights (only)
+    init_head: str = "keep"  # keep | reset: the last layer from the checkpoint, or fresh
     progress: bool = True
 
     def resolved_lr(self) -> float:

@@ -25,6 +25,7 @@ from train import distributed
 from train.checkpoint import (
     check_arch,
     check_classes,
+    init_from_checkpoint,
     load_checkpoint,
     load_model_weights,
     rng_state,
@@ -68,6 +69,10 @@ def _fit(cfg: Config, dist: distributed.Dist) -> dict:
         raise ValueError(f"amp must be one of {', '.join(AMP_DTYPES)}, not {cfg.amp!r}")
     out = Path(cfg.out)
     last_path, best_path = out / "checkpoints" / "last.pt", out / "checkpoints" / "best.pt"
+    if cfg.init and cfg.resume:
+        raise TrainingError(f"--init and --resume together: --init starts a new run from a "
+                            f"checkpoint's weights, --resume continues the run in {out} from "
+                            f"its own {last_path.name}; pass one of them")
     if cfg.resume and not last_path.is_file():
         raise TrainingError(f"{last_path}: no checkpoint to resume from")
     if not cfg.resume and last_path.is_file():
@@ -100,6 +105,10 @@ def _fit(cfg: Config, dist: distributed.Dist) -> dict:
     model = UNet(output_channels(cfg.losstype, len(classes)), width=cfg.width, depth=cfg.depth,
                  upsample=cfg.upsample)
     arch = dict(model.config)
+    init = None
+    if cfg.init:  # before SyncBatchNorm and DDP: every rank loads the same weights
+        init = init_from_checkpoint(model, Path(cfg.init), classes=classes, losstype=cfg.losstype,
+                                    data=cfg.data, head=cfg.init_head)
     if dist.distributed:
         model = distributed.convert_sync_batchnorm(model, dist.device)
     model.to(dist.device, memory_format=torch.channels_last if cfg.channels_last
@@ -140,6 +149,7 @@ def _fit(cfg: Config, dist: distributed.Dist) -> dict:
         "data": {"manifest_config": manifest["config"],
                  "samples": {s: v["samples"] for s, v in manifest["splits"].items()}},
         "steps_per_epoch": len(train_loader), "resumed_from_step": run["step"] or None,
+        "init": init,
     })
 
     def checkpoint(row: dict | None) -> dict:
