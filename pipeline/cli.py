@@ -79,19 +79,30 @@ def main() -> None:
 @click.option("--size", type=Size(), default="2048x1024", show_default=True,
               help="Frame size WxH.")
 @click.option("--seed", default=0, show_default=True, help="Same seed, same city.")
-def synth(out: Path, train: int, val: int, size: tuple[int, int], seed: int) -> None:
+@click.option("--coarse", is_flag=True,
+              help="Also write gtCoarse labels (fine ones with their boundaries unlabeled).")
+@click.option("--extra", default=0, show_default=True,
+              help="Frames in train_extra (images and gtCoarse only, as in Cityscapes); "
+                   "implies --coarse.")
+def synth(out: Path, train: int, val: int, size: tuple[int, int], seed: int, coarse: bool,
+          extra: int) -> None:
     """Write a synthetic city into OUT.
 
-    Street scenes in the exact Cityscapes layout (leftImg8bit, gtFine), deterministic per seed.
+    Street scenes in the exact Cityscapes layout (leftImg8bit, gtFine, with --coarse or --extra
+    gtCoarse too), deterministic per seed.
     """
     from pipeline.synth import synthesize
 
     try:
-        synthesize(out, train=train, val=val, size=size, seed=seed, progress=True)
+        synthesize(out, train=train, val=val, size=size, seed=seed, coarse=coarse, extra=extra,
+                   progress=True)
     except ValueError as e:  # synth's checks of its arguments
         click.echo(f"error: {e}", err=True)
         raise click.exceptions.Exit(1) from None
-    click.echo(f"{out}: {train} train and {val} val frames at {size[0]}x{size[1]}")
+    counts = (f"{train} train, {val} val and {extra} train_extra" if extra
+              else f"{train} train and {val} val")
+    click.echo(f"{out}: {counts} frames at {size[0]}x{size[1]}"
+               f"{' with gtCoarse labels' if coarse or extra else ''}")
 
 
 @main.command()
@@ -101,7 +112,8 @@ def synth(out: Path, train: int, val: int, size: tuple[int, int], seed: int) -> 
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Output folder [default: data_cache/cityscapes-WxH].")
 @click.option("--split", "splits", multiple=True, default=("train", "val"), show_default=True,
-              help="Split to convert; repeat for several.")
+              help="Split to convert; repeat for several (train, val, test; train_extra has "
+                   "coarse labels only).")
 @click.option("--size", type=Size(), default="1024x512", show_default=True,
               help="Output size WxH (image area-averaged, label nearest).")
 @click.option("--mapping", default="trainid", show_default=True,
@@ -115,7 +127,8 @@ def synth(out: Path, train: int, val: int, size: tuple[int, int], seed: int) -> 
 @click.option("--part", type=Part(), default="1/1", show_default=True,
               help="Write only part I of N, e.g. on N machines sharing one --out.")
 @click.option("--mode", type=click.Choice(["fine", "coarse"]), default="fine",
-              show_default=True, help="gtFine or gtCoarse labels.")
+              show_default=True,
+              help="gtFine or gtCoarse labels (coarse: train, val and train_extra).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def preprocess(datadir, out, splits, size, mapping, workers, shard_size, compression, part,
                mode, quiet) -> None:

@@ -112,9 +112,9 @@ def test_bad_options_are_usage_errors(made, tmp_path, option):
 
 
 @pytest.mark.parametrize("command, flags", [
-    ("synth", ["--train", "--val", "--size", "--seed"]),
+    ("synth", ["--train", "--val", "--size", "--seed", "--coarse", "--extra"]),
     ("preprocess", ["--datadir", "--out", "--split", "--size", "--mapping", "--workers",
-                    "--shard-size", "--compression", "--part"]),
+                    "--shard-size", "--compression", "--part", "--mode", "official zips"]),
     ("inspect-shard", ["--json", "--preview"]),
     ("verify", ["DIR"]),
     ("bench", ["--out", "--frames", "--workers"]),

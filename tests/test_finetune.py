@@ -1,4 +1,4 @@
-"""Fine-tuning: `citytrain fit --init CKPT`."""
+"""Fine-tuning (`citytrain fit --init CKPT`) and training on joined splits (train+train_extra)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ from test_cli_train import FIT, fails
 from test_train import blocks, tiny
 
 from pipeline.labels import get_mapping
+from pipeline.loader import build_loader
+from pipeline.shards import ShardError
 from train.checkpoint import CheckpointError, init_from_checkpoint, load_checkpoint
 from train.cli import main as citytrain
 from train.engine import TrainingError
@@ -96,6 +98,23 @@ def test_init_head_reset_keeps_every_weight_but_the_last_layer(trained):
                                               r"builds depth=3$"):
         init_from_checkpoint(UNet(4, width=8, depth=3), ckpt, classes=["a"] * 4,
                              losstype="segment", head="reset")
+
+
+def test_joined_splits_train_on_both(make_dataset, tmp_path):
+    images, labels, names = blocks(10)
+    data = make_dataset({"train": (images[:4], labels[:4], names[:4]),
+                         "train_extra": (images[4:], labels[4:], names[4:])})
+    loader = build_loader(data, "train+train_extra", 2, train=False, workers=0, backend="torch")
+    assert loader.num_samples == 10
+    seen = torch.cat([b["image"] for b in loader])
+    assert len(seen) == 10
+    with pytest.raises(ShardError, match=r"manifest.json: no split 'extra' \(has: train, "
+                                         r"train_extra\)$"):
+        build_loader(data, "train+extra", 2, train=False, workers=0, backend="torch")
+    fit(tiny(data, tmp_path / "run", epochs=1, train_split="train+train_extra", batch_size=2))
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["steps_per_epoch"] == 5 and config["config"]["train_split"] == \
+        "train+train_extra"
 
 
 def test_cli_init_flags(data, trained, tmp_path, make_dataset):

@@ -78,6 +78,8 @@ def main() -> None:
 @click.option("--data", required=True, type=click.Path(path_type=Path),
               help="Shard folder from `cityprep preprocess`.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Run directory.")
+@click.option("--train-split", default=DEFAULTS.train_split,
+              help="Split(s) of --data to train on; '+' joins several (train+train_extra).")
 @click.option("--epochs", default=DEFAULTS.epochs, type=click.IntRange(1))
 @click.option("--batch-size", default=DEFAULTS.batch_size, type=click.IntRange(1),
               help="Images per process (per GPU).")

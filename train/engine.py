@@ -27,6 +27,7 @@ from train.metrics import ConfusionMatrix
 class Config:
     # data (pipeline/loader.py)
     data: str = ""
+    train_split: str = "train"  # "+" joins several: train+train_extra
     out: str = "runs/unet"
     crop: tuple[int, int] | None = (512, 1024)  # H, W of training crops; None = whole images
     scale: tuple[float, float] = (0.5, 2.0)

@@ -85,11 +85,12 @@ def _fit(cfg: Config, dist: distributed.Dist) -> dict:
                   device=dist.device.type, workers=cfg.workers, channels_last=cfg.channels_last,
                   backend=cfg.backend)
     w, h = load_manifest(Path(cfg.data))["config"]["size"]
-    train_loader = build_loader(cfg.data, "train", cfg.batch_size, train=True,
+    train_loader = build_loader(cfg.data, cfg.train_split, cfg.batch_size, train=True,
                                 crop=cfg.crop or (h, w),
                                 scale=cfg.scale, flip=cfg.flip, jitter=cfg.jitter, **common)
     if len(train_loader) == 0:
-        raise TrainingError(f"{cfg.data}: the train split has {train_loader.num_samples} "
+        raise TrainingError(f"{cfg.data}: the {cfg.train_split} split has "
+                            f"{train_loader.num_samples} "
                             f"samples, fewer than one batch of {cfg.batch_size} per process "
                             f"x {dist.world_size} processes; lower --batch-size")
     manifest = train_loader.manifest
