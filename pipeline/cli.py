@@ -223,6 +223,31 @@ def bench(out: Path, frames: int, workers: tuple[int, ...], shard_size: int,
               compression=compression, repeat=repeat)
 
 
+@main.command("bench-archives")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("runs/bench"),
+              show_default=True, help="Folder for the synthetic city and its zips (reused).")
+@click.option("--frames", default=64, show_default=True, type=click.IntRange(min=1),
+              help="Train frames at 2048x1024 (plus a quarter as many val frames).")
+@click.option("--workers", "workers", multiple=True, type=click.IntRange(min=1),
+              default=(1, 2), show_default=True, help="Worker counts to time; repeat.")
+@click.option("--shard-size", default=8, show_default=True, type=click.IntRange(min=1),
+              help="Samples per shard.")
+@click.option("--repeat", default=2, show_default=True, type=click.IntRange(min=1),
+              help="Runs per measurement; the best counts.")
+def bench_archives(out: Path, frames: int, workers: tuple[int, ...], shard_size: int,
+                   repeat: int) -> None:
+    """Time preprocessing from the official zips against the extracted tree.
+
+    On one synthetic 2048x1024 city (OUT/city, shared with `cityprep bench`) and zips of it
+    laid out as the downloads, stored and deflated (OUT/zips-*), in one run; checks that
+    every source gives the same shards.
+    """
+    from pipeline.bench import run_archive_bench
+
+    run_archive_bench(out, frames=frames, workers=workers, shard_size=shard_size,
+                      repeat=repeat)
+
+
 @main.command("bench-loader")
 @click.argument("data_dir", metavar="DIR", type=click.Path(path_type=Path))
 @click.option("--batch-size", default=4, show_default=True, type=click.IntRange(min=1))

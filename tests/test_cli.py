@@ -118,6 +118,7 @@ def test_bad_options_are_usage_errors(made, tmp_path, option):
     ("inspect-shard", ["--json", "--preview"]),
     ("verify", ["DIR"]),
     ("bench", ["--out", "--frames", "--workers"]),
+    ("bench-archives", ["--out", "--frames", "--workers", "--repeat"]),
 ])
 def test_help(command, flags):
     r = CliRunner().invoke(main, [command, "--help"])
