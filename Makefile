@@ -44,6 +44,7 @@ train: install
 
 bench: install
 	$(BIN)/cityprep bench --out runs/bench
+	$(BIN)/cityprep bench-archives --out runs/bench
 	$(BIN)/cityprep bench-loader runs/bench/shards
 	@# the U-Net at its full size on 512x1024 crops is a GPU job; on a CPU, the README's setting
 	if $(BIN)/python -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then \

@@ -7,6 +7,9 @@ Besides wall-clock rates it reports CPU time per image (the processes' own and t
 workers'), which other load on a shared machine does not distort.
 A last pass reads the shards back the way the loader does (one image and one label chunk per
 sample, in random order) to show what the compression setting costs on the reading side.
+
+`run_archive_bench` (`cityprep bench-archives`) times the same job from zips of that city, laid
+out as the official downloads (stored, and deflated), against the extracted files, in one run.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import resource
 import shutil
 import sys
 import time
+import zipfile
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -146,4 +150,76 @@ def run_bench(out: Path, *, frames: int = 64, workers: tuple[int, ...] = (1, 2),
     print(f"shards: {size_mb:.0f} MB in {shards} ({size_mb / n:.2f} MB/sample); reading one "
           f"image + label chunk per sample in random order: {1000 * per_sample:.2f} ms/sample "
           f"({count} samples, one process)")
+    return rows
+
+
+# -- from the official zips against the extracted tree -----------------------------------------
+
+ZIP_COMPRESSIONS = {"stored": zipfile.ZIP_STORED, "deflated": zipfile.ZIP_DEFLATED}
+
+
+def ensure_zips(city: Path, dest: Path, compression: str) -> Path:
+    """leftImg8bit_trainvaltest.zip and gtFine_trainvaltest.zip of `city` in `dest`, laid out
+    as the downloads are; kept while the city is the same."""
+    marker, want = dest / "bench-zips.json", (city / "bench-city.json").read_text()
+    if marker.is_file() and marker.read_text() == want:
+        return dest
+    shutil.rmtree(dest, ignore_errors=True)
+    dest.mkdir(parents=True)
+    for top in ("leftImg8bit", "gtFine"):
+        with zipfile.ZipFile(dest / f"{top}_trainvaltest.zip", "w",
+                             ZIP_COMPRESSIONS[compression]) as z:
+            z.writestr("README", f"{top} of the synthetic benchmark city\n")
+            z.writestr("license.txt", "Synthetic data, no licence terms.\n")
+            for path in sorted((city / top).rglob("*")):
+                z.write(path, path.relative_to(city).as_posix() + "/" * path.is_dir())
+    marker.write_text(want)
+    return dest
+
+
+def run_archive_bench(out: Path, *, frames: int = 64, workers: tuple[int, ...] = (1, 2),
+                      shard_size: int = 8, repeat: int = 2) -> list[dict]:
+    """Print preprocessing from the extracted tree against from zips of it (stored and
+    deflated), in one run on one city, best of `repeat`; checks the shards are the same."""
+    out = Path(out)
+    val = max(1, frames // 4)
+    city = ensure_city(out / "city", frames, val)
+    sources = {"extracted": city}
+    for kind in ZIP_COMPRESSIONS:
+        sources[f"zip ({kind})"] = ensure_zips(city, out / f"zips-{kind}", kind)
+    n = len(find_pairs(city, "train")) + len(find_pairs(city, "val"))
+    for root in sources.values():  # warm the page cache so every side reads from memory
+        for path in root.rglob("*.*"):
+            path.read_bytes()
+    sizes = {name: sum(p.stat().st_size for p in root.rglob("*.png")) / 1e6 if name ==
+             "extracted" else sum(p.stat().st_size for p in root.glob("*.zip")) / 1e6
+             for name, root in sources.items()}
+    print(f"cityprep bench-archives: {n} pairs (train {frames}, val {val}) at "
+          f"{SOURCE_SIZE[0]}x{SOURCE_SIZE[1]} -> {TARGET_SIZE[0]}x{TARGET_SIZE[1]}, "
+          f"shard size {shard_size}, best of {repeat}; input MB: "
+          + ", ".join(f"{k} {v:.0f}" for k, v in sizes.items()))
+    rows, digests = [], {}
+    for w in sorted(set(workers)):
+        best = {name: (float("inf"), float("inf")) for name in sources}
+        for _ in range(repeat):  # interleave the sides so that load changes hit all of them
+            for name, root in sources.items():
+                target = out / "shards-archives"
+                best[name] = tuple(map(min, best[name], time_preprocess(
+                    root, target, w, shard_size, DEFAULT_COMPRESSION)))
+                digests[name] = [e["sha256"] for s in load_manifest(target)["splits"].values()
+                                 for e in s["shards"]]
+        base = best["extracted"]
+        for name, (wall, cpu) in best.items():
+            rows.append({"source": name, "workers": w, "img_s": n / wall,
+                         "cpu_ms": 1000 * cpu / n, "wall_ratio": base[0] / wall,
+                         "cpu_ratio": cpu / base[1]})
+    same = all(d == digests["extracted"] for d in digests.values())
+    print(f"{'source':<16} {'workers':>7} | {'img/s':>7} {'CPU ms/img':>10} | "
+          f"{'speed vs extracted':>18} {'CPU vs extracted':>16}")
+    for r in rows:
+        print(f"{r['source']:<16} {r['workers']:>7} | {r['img_s']:>7.2f} {r['cpu_ms']:>10.1f} | "
+              f"{r['wall_ratio']:>17.2f}x {r['cpu_ratio']:>15.2f}x")
+    print(f"shards from every source {'identical' if same else 'DIFFER'} (sha256 per shard)")
+    if not same:
+        raise RuntimeError("shards from the archives differ from the extracted tree's")
     return rows

@@ -79,28 +79,41 @@ def main() -> None:
 @click.option("--size", type=Size(), default="2048x1024", show_default=True,
               help="Frame size WxH.")
 @click.option("--seed", default=0, show_default=True, help="Same seed, same city.")
-def synth(out: Path, train: int, val: int, size: tuple[int, int], seed: int) -> None:
+@click.option("--coarse", is_flag=True,
+              help="Also write gtCoarse labels (fine ones with their boundaries unlabeled).")
+@click.option("--extra", default=0, show_default=True,
+              help="Frames in train_extra (images and gtCoarse only, as in Cityscapes); "
+                   "implies --coarse.")
+def synth(out: Path, train: int, val: int, size: tuple[int, int], seed: int, coarse: bool,
+          extra: int) -> None:
     """Write a synthetic city into OUT.
 
-    Street scenes in the exact Cityscapes layout (leftImg8bit, gtFine), deterministic per seed.
+    Street scenes in the exact Cityscapes layout (leftImg8bit, gtFine, with --coarse or --extra
+    gtCoarse too), deterministic per seed.
     """
     from pipeline.synth import synthesize
 
     try:
-        synthesize(out, train=train, val=val, size=size, seed=seed, progress=True)
+        synthesize(out, train=train, val=val, size=size, seed=seed, coarse=coarse, extra=extra,
+                   progress=True)
     except ValueError as e:  # synth's checks of its arguments
         click.echo(f"error: {e}", err=True)
         raise click.exceptions.Exit(1) from None
-    click.echo(f"{out}: {train} train and {val} val frames at {size[0]}x{size[1]}")
+    counts = (f"{train} train, {val} val and {extra} train_extra" if extra
+              else f"{train} train and {val} val")
+    click.echo(f"{out}: {counts} frames at {size[0]}x{size[1]}"
+               f"{' with gtCoarse labels' if coarse or extra else ''}")
 
 
 @main.command()
 @click.option("--datadir", required=True, type=click.Path(path_type=Path),
-              help="Cityscapes root holding leftImg8bit/ and gtFine/.")
+              help="Cityscapes root: the leftImg8bit/ and gtFine/ (gtCoarse/) folders, or the "
+                   "official zips as downloaded (read in place), or some of each.")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Output folder [default: data_cache/cityscapes-WxH].")
 @click.option("--split", "splits", multiple=True, default=("train", "val"), show_default=True,
-              help="Split to convert; repeat for several.")
+              help="Split to convert; repeat for several (train, val, test; train_extra has "
+                   "coarse labels only).")
 @click.option("--size", type=Size(), default="1024x512", show_default=True,
               help="Output size WxH (image area-averaged, label nearest).")
 @click.option("--mapping", default="trainid", show_default=True,
@@ -114,15 +127,17 @@ def synth(out: Path, train: int, val: int, size: tuple[int, int], seed: int) -> 
 @click.option("--part", type=Part(), default="1/1", show_default=True,
               help="Write only part I of N, e.g. on N machines sharing one --out.")
 @click.option("--mode", type=click.Choice(["fine", "coarse"]), default="fine",
-              show_default=True, help="gtFine or gtCoarse labels.")
+              show_default=True,
+              help="gtFine or gtCoarse labels (coarse: train, val and train_extra).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def preprocess(datadir, out, splits, size, mapping, workers, shard_size, compression, part,
                mode, quiet) -> None:
     """Cityscapes PNGs -> remapped, resized shards.
 
     Decodes every pair once, remaps its labelIds, resizes (image area-averaged, label
-    nearest) and writes HDF5 shards plus manifest.json. Rerunning the same command resumes:
-    complete shards are verified and kept. A folder never mixes two configs.
+    nearest) and writes HDF5 shards plus manifest.json. The official zips are read in place,
+    by the workers; the shards are the same as from the extracted files. Rerunning the same
+    command resumes: complete shards are verified and kept. A folder never mixes two configs.
     """
     from pipeline import preprocess as pp
 
@@ -206,6 +221,31 @@ def bench(out: Path, frames: int, workers: tuple[int, ...], shard_size: int,
 
     run_bench(out, frames=frames, workers=workers, shard_size=shard_size,
               compression=compression, repeat=repeat)
+
+
+@main.command("bench-archives")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("runs/bench"),
+              show_default=True, help="Folder for the synthetic city and its zips (reused).")
+@click.option("--frames", default=64, show_default=True, type=click.IntRange(min=1),
+              help="Train frames at 2048x1024 (plus a quarter as many val frames).")
+@click.option("--workers", "workers", multiple=True, type=click.IntRange(min=1),
+              default=(1, 2), show_default=True, help="Worker counts to time; repeat.")
+@click.option("--shard-size", default=8, show_default=True, type=click.IntRange(min=1),
+              help="Samples per shard.")
+@click.option("--repeat", default=2, show_default=True, type=click.IntRange(min=1),
+              help="Runs per measurement; the best counts.")
+def bench_archives(out: Path, frames: int, workers: tuple[int, ...], shard_size: int,
+                   repeat: int) -> None:
+    """Time preprocessing from the official zips against the extracted tree.
+
+    On one synthetic 2048x1024 city (OUT/city, shared with `cityprep bench`) and zips of it
+    laid out as the downloads, stored and deflated (OUT/zips-*), in one run; checks that
+    every source gives the same shards.
+    """
+    from pipeline.bench import run_archive_bench
+
+    run_archive_bench(out, frames=frames, workers=workers, shard_size=shard_size,
+                      repeat=repeat)
 
 
 @main.command("bench-loader")

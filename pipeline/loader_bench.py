@@ -146,6 +146,10 @@ def _bench(data_dir: Path, batch_size: int, workers: int | None, crop: tuple[int
     mapping = (Mapping.from_json(mapping_def) if mapping_def
                else get_mapping(manifest["config"]["mapping"]))
     pairs = find_pairs(Path(root), "train")
+    if not all(isinstance(s, Path) for p in pairs for s in (p.image, p.label)):
+        raise ShardError(f"{root}: holds the official zips; the baseline, the original "
+                         "project's loader, reads extracted PNG files: extract them there, or "
+                         "pass --no-baseline")
     dataset = PngCityscapes(pairs, mapping.lut, (w, h), crop)
     png = DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True,
                      num_workers=loader.workers, persistent_workers=loader.workers > 0)

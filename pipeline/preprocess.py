@@ -1,5 +1,11 @@
 """`cityprep preprocess`: Cityscapes PNG pairs -> remapped, resized HDF5 shards + manifest.
 
+The input is an extracted tree, the official zips, or some of each (pipeline/cityscapes.py);
+the workers read the zips in place, each opening its own handles. Nothing in a shard names
+where its pixels came from, and the manifest's `config.source_root` is the datadir either
+way, so a job over the zips writes the same shard files as one over the extracted tree (and
+either can resume the other).
+
 The job is a fixed list of shards: the sorted pairs of each split cut into runs of
 `shard_size`, so shard k of a split always holds the same samples and any process on any
 machine writes the same bytes for it. `--part I/N` takes every N-th shard of that list.
@@ -33,7 +39,14 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from pipeline.cityscapes import DatasetError, Pair, find_pairs, read_image, read_label_ids
+from pipeline.cityscapes import (
+    DatasetError,
+    Pair,
+    Source,
+    find_pairs,
+    read_image,
+    read_label_ids,
+)
 from pipeline.host import usable_cpus, worker_setup
 from pipeline.labels import Mapping, get_mapping
 from pipeline.shards import (
@@ -104,7 +117,7 @@ def resize_pair(
     return np.asarray(small), np.asarray(Image.fromarray(label).resize(size, Image.NEAREST))
 
 
-def _check_covered(label: np.ndarray, mapping: Mapping, source: Path) -> None:
+def _check_covered(label: np.ndarray, mapping: Mapping, source: Source) -> None:
     # Fast path: the usual mappings cover 0..n without gaps, so the maximum says enough.
     top = int(label.max())
     if not mapping.covered[: top + 1].all():

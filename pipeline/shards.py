@@ -286,13 +286,20 @@ def write_manifest(data_dir: Path, manifest: dict) -> None:
 
 
 def split_shards(data_dir: Path, manifest: dict, split: str) -> list[tuple[Path, int]]:
-    """(path, samples) of each shard of `split`, in manifest order (which defines `index`)."""
+    """(path, samples) of each shard of `split`, in manifest order (which defines `index`).
+
+    Splits joined with "+" read as one, in that order: "train+train_extra" is the coarse
+    recipe's training set.
+    """
     splits = manifest.get("splits", {})
-    if split not in splits:
-        raise ShardError(
-            f"{manifest_path(data_dir)}: no split {split!r} (has: {', '.join(splits) or 'none'})"
-        )
-    return [(Path(data_dir) / s["file"], int(s["samples"])) for s in splits[split]["shards"]]
+    shards = []
+    for name in split.split("+"):
+        if name not in splits:
+            raise ShardError(f"{manifest_path(data_dir)}: no split {name!r} (has: "
+                             f"{', '.join(splits) or 'none'})")
+        shards += [(Path(data_dir) / s["file"], int(s["samples"]))
+                   for s in splits[name]["shards"]]
+    return shards
 
 
 def sample_stats(image: np.ndarray, label: np.ndarray, num_classes: int) -> dict:

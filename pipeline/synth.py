@@ -7,6 +7,12 @@ lays the street out and places those things, drawn as numbered polygons on a pip
 Scene; renders the RGB image from its canvas of parts with a colour, texture and shading per
 part, so image and labels agree to the pixel and each class has a consistent look; and writes
 the leftImg8bit + gtFine tree (labelIds, instanceIds, color, polygons JSON).
+
+With `coarse`, gtCoarse labels as well, and `extra` frames of a train_extra split that, as in
+Cityscapes, have only those: the fine labelIds with a band along every boundary between two
+labels set to 0 (unlabeled), which is how the real coarse polygons look next to the fine ones
+(drawn inside the objects, leaving their edges out). No coarse polygons JSON is written: these
+labels are derived from pixels, not drawn.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import json
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageFilter
 from tqdm import tqdm
 
 from pipeline import scene
@@ -25,9 +31,10 @@ from pipeline.scene import ASPHALT, BRICK, FACADES, FLAT, GRASS, LEAVES, PAVING,
 from pipeline.shards import atomic_write_bytes
 
 CITIES = {"train": ("aachen", "bremen", "hamburg", "zurich"),
-          "val": ("frankfurt", "lindau", "munster")}
+          "val": ("frankfurt", "lindau", "munster"),
+          "train_extra": ("augsburg", "bamberg", "dortmund", "konstanz")}
 FRAME = 19  # the annotated frame of each real 30-frame snippet
-_SPLIT_CODE = {"train": 0, "val": 1}
+_SPLIT_CODE = {"train": 0, "val": 1, "train_extra": 2}
 
 # How much each material (pipeline.scene) varies the brightness of its colour at four scales:
 # (grain, small blobs, leaf clusters, broad stains), in 256-wide-frame pixels 0.6, 1.5, 4, 30.
@@ -295,17 +302,41 @@ def render_frame(size: tuple[int, int], rng: np.random.Generator):
     return _render(sc), label_ids, inst, polygons
 
 
+def coarse_label_ids(label_ids: np.ndarray, margin: int) -> np.ndarray:
+    """Fine labelIds as a coarse annotation: pixels within `margin` of a boundary between two
+    labels become 0 (unlabeled)."""
+    ids = np.asarray(label_ids)
+    edge = np.zeros(ids.shape, bool)
+    edge[:, 1:] |= ids[:, 1:] != ids[:, :-1]
+    edge[:, :-1] |= ids[:, 1:] != ids[:, :-1]
+    edge[1:] |= ids[1:] != ids[:-1]
+    edge[:-1] |= ids[1:] != ids[:-1]
+    if margin > 1:
+        band = Image.fromarray(edge.astype(np.uint8) * 255).filter(
+            ImageFilter.MaxFilter(2 * margin - 1))
+        edge = np.asarray(band) > 0
+    return np.where(edge, 0, ids).astype(np.uint8)
+
+
 def synthesize(root: Path, *, train: int = 20, val: int = 10,
-               size: tuple[int, int] = (2048, 1024), seed: int = 0,
-               progress: bool = False) -> list[Path]:
-    """Write a synthetic Cityscapes tree (leftImg8bit + gtFine) under `root`; returns images."""
+               size: tuple[int, int] = (2048, 1024), seed: int = 0, coarse: bool = False,
+               extra: int = 0, progress: bool = False) -> list[Path]:
+    """Write a synthetic Cityscapes tree (leftImg8bit + gtFine) under `root`; returns images.
+
+    `coarse` adds gtCoarse labels to train and val; `extra` frames of train_extra come with
+    gtCoarse only (and imply `coarse`). Without them the output is what it always was.
+    """
     w, h = (int(v) for v in size)
     if w < 32 or h < 16:
         raise ValueError(f"synthetic city: size {w}x{h} is too small (at least 32x16)")
-    if train < 0 or val < 0 or seed < 0:
-        raise ValueError("synthetic city: --train, --val and --seed must not be negative")
+    if train < 0 or val < 0 or seed < 0 or extra < 0:
+        raise ValueError("synthetic city: --train, --val, --extra and --seed must not be "
+                         "negative")
+    coarse = coarse or extra > 0
+    margin = max(1, round(w / 256))  # 8 pixels at 2048x1024
     root = Path(root)
-    jobs = [(split, i) for split, n in (("train", train), ("val", val)) for i in range(n)]
+    jobs = [(split, i) for split, n in (("train", train), ("val", val), ("train_extra", extra))
+            for i in range(n)]
     paths = []
     for split, i in tqdm(jobs, desc="synth", unit="frame", disable=not progress):
         cities = CITIES[split]
@@ -313,15 +344,24 @@ def synthesize(root: Path, *, train: int = 20, val: int = 10,
         stem = f"{city}_{seq:06d}_{FRAME:06d}"
         rng = np.random.default_rng([seed, _SPLIT_CODE[split], i])
         rgb, label_ids, inst, polygons = render_frame((w, h), rng)
-        img_dir, gt_dir = root / "leftImg8bit" / split / city, root / "gtFine" / split / city
+        if split != "train_extra":  # Cityscapes has no fine labels for it
+            gt = root / "gtFine" / split / city / f"{stem}_gtFine"
+            gt.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(Path(f"{gt}_labelIds.png"), _png(label_ids, 6))
+            atomic_write_bytes(Path(f"{gt}_color.png"), _png(_COLOR_LUT[label_ids], 6))
+            atomic_write_bytes(Path(f"{gt}_instanceIds.png"), _png(inst, 6))
+            atomic_write_bytes(Path(f"{gt}_polygons.json"),
+                               json.dumps(polygons, indent=1).encode())
+        if coarse:
+            ids = coarse_label_ids(label_ids, margin)
+            gt = root / "gtCoarse" / split / city / f"{stem}_gtCoarse"
+            gt.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(Path(f"{gt}_labelIds.png"), _png(ids, 6))
+            atomic_write_bytes(Path(f"{gt}_color.png"), _png(_COLOR_LUT[ids], 6))
+            atomic_write_bytes(Path(f"{gt}_instanceIds.png"),
+                               _png(np.where(ids == 0, 0, inst).astype(np.uint16), 6))
+        img_dir = root / "leftImg8bit" / split / city
         img_dir.mkdir(parents=True, exist_ok=True)
-        gt_dir.mkdir(parents=True, exist_ok=True)
-        gt = gt_dir / f"{stem}_gtFine"
-        atomic_write_bytes(Path(f"{gt}_labelIds.png"), _png(label_ids, 6))
-        atomic_write_bytes(Path(f"{gt}_color.png"), _png(_COLOR_LUT[label_ids], 6))
-        atomic_write_bytes(Path(f"{gt}_instanceIds.png"), _png(inst, 6))
-        atomic_write_bytes(Path(f"{gt}_polygons.json"),
-                           json.dumps(polygons, indent=1).encode())
         path = img_dir / f"{stem}_leftImg8bit.png"
         atomic_write_bytes(path, _png(rgb, 1))
         paths.append(path)

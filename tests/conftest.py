@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -34,6 +35,36 @@ def shards(city, tmp_path_factory) -> Path:
     preprocess(city, out, size=SHARD_SIZE, mapping="trainid", shard_size=4, workers=1,
                progress=False)
     return out
+
+
+# The official downloads: archive -> (top folder, its splits), as the dataset's website has them.
+OFFICIAL_ZIPS = {
+    "leftImg8bit_trainvaltest.zip": ("leftImg8bit", ("train", "val", "test")),
+    "leftImg8bit_trainextra.zip": ("leftImg8bit", ("train_extra",)),
+    "gtFine_trainvaltest.zip": ("gtFine", ("train", "val", "test")),
+    "gtCoarse.zip": ("gtCoarse", ("train", "train_extra", "val")),
+}
+
+
+def pack_official(tree: Path, dest: Path, *, only: tuple[str, ...] | None = None,
+                  compression: int = zipfile.ZIP_DEFLATED) -> list[Path]:
+    """Zip an extracted tree the way the downloads come: per archive its top folder (with the
+    folder entries) plus README and license.txt. `only` picks some of the archives."""
+    dest.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, (top, splits) in OFFICIAL_ZIPS.items():
+        folders = [tree / top / s for s in splits if (tree / top / s).is_dir()]
+        if (only is not None and name not in only) or not folders:
+            continue
+        with zipfile.ZipFile(dest / name, "w", compression) as z:
+            z.writestr("README", f"The Cityscapes Dataset: {top}\n")
+            z.writestr("license.txt", "For tests only.\n")
+            z.write(tree / top, f"{top}/")
+            for folder in folders:
+                for path in [folder, *sorted(folder.rglob("*"))]:
+                    z.write(path, path.relative_to(tree).as_posix() + "/" * path.is_dir())
+        written.append(dest / name)
+    return written
 
 
 def write_dataset(

@@ -112,15 +112,26 @@ def test_bad_options_are_usage_errors(made, tmp_path, option):
 
 
 @pytest.mark.parametrize("command, flags", [
-    ("synth", ["--train", "--val", "--size", "--seed"]),
+    ("synth", ["--train", "--val", "--size", "--seed", "--coarse", "--extra"]),
     ("preprocess", ["--datadir", "--out", "--split", "--size", "--mapping", "--workers",
-                    "--shard-size", "--compression", "--part"]),
+                    "--shard-size", "--compression", "--part", "--mode", "official zips"]),
     ("inspect-shard", ["--json", "--preview"]),
     ("verify", ["DIR"]),
     ("bench", ["--out", "--frames", "--workers"]),
+    ("bench-archives", ["--out", "--frames", "--workers", "--repeat"]),
 ])
 def test_help(command, flags):
     r = CliRunner().invoke(main, [command, "--help"])
     assert r.exit_code == 0
     for flag in flags:
         assert flag in r.output
+
+
+def test_runs_as_a_module():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    r = subprocess.run([sys.executable, "-m", "pipeline.cli", "--help"], capture_output=True,
+                       text=True, cwd=Path(__file__).resolve().parents[1])
+    assert r.returncode == 0 and "preprocess" in r.stdout, r.stderr

@@ -137,6 +137,18 @@ def test_export_agrees_with_official_evaluator(tree, official, tmp_path):
     assert 0.2 < result["miou"] < 0.9
 
 
+def test_export_reads_the_originals_out_of_the_official_zips(tree, tmp_path):
+    from conftest import pack_official
+
+    datadir, data = tree
+    zips = tmp_path / "downloads"
+    pack_official(datadir, zips)
+    from_zips = _run(data, zips, export_dir=tmp_path / "a")
+    assert from_zips == _run(data, datadir, export_dir=tmp_path / "b")
+    assert [p.read_bytes() for p in sorted((tmp_path / "a").iterdir())] == [
+        p.read_bytes() for p in sorted((tmp_path / "b").iterdir())]
+
+
 def test_evaluation_without_export_writes_nothing(tree, tmp_path):
     datadir, data = tree
     before = set(tmp_path.rglob("*"))

@@ -101,6 +101,46 @@ def load_model_weights(model: torch.nn.Module, state: dict, path: Path) -> None:
         raise CheckpointError(f"{path}: weights do not fit the model ({e})") from None
 
 
+INIT_HEADS = ("keep", "reset")
+
+
+def init_from_checkpoint(model: torch.nn.Module, path: Path, *, classes: list[str],
+                         losstype: str, data: str | Path = "the data", head: str = "keep") \
+        -> dict[str, Any]:
+    """Fine-tuning: put the weights of checkpoint `path` into the fresh `model`, nothing else
+    (the optimizer, schedule, epochs and loader position are the new run's own).
+
+    The architecture must be the same. With head "keep" so must the classes and the loss type;
+    with "reset" the last layer (`head.*`) keeps the fresh initialisation `model` has, so a
+    checkpoint of another class set can start the run. Returns what config.json records.
+    """
+    if head not in INIT_HEADS:
+        raise ValueError(f"head must be one of {', '.join(INIT_HEADS)}, not {head!r}")
+    path = Path(path)
+    state = load_checkpoint(path)
+    arch = dict(model.config)
+    weights = state.get("model", {})
+    if head == "keep":
+        hint = "; or --init-head reset to start the last layer afresh"
+        try:
+            check_classes(state, classes, path, data)
+        except CheckpointError as e:
+            raise CheckpointError(f"{e}{hint}") from None
+        if state.get("losstype") != losstype:
+            raise CheckpointError(f"{path}: checkpoint was trained with losstype "
+                                  f"{state.get('losstype')}, this run uses {losstype}{hint}")
+        check_arch(state, arch, path)
+    else:
+        check_arch(state, {**arch, "num_classes": state.get("arch", {}).get("num_classes")},
+                   path)
+        fresh = {k: v for k, v in model.state_dict().items() if k.startswith("head.")}
+        weights = {**{k: v for k, v in weights.items() if not k.startswith("head.")}, **fresh}
+    load_model_weights(model, {"model": weights}, path)
+    return {"checkpoint": str(path), "head": head, "epoch": state.get("epoch"),
+            "step": state.get("step"), "classes": list(state.get("classes", [])),
+            "metrics": state.get("metrics")}
+
+
 def rng_state(device: torch.device | None = None) -> dict[str, Any]:
     """Every generator the run draws from, as tensors and lists (safe for weights_only).
 

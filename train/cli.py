@@ -79,6 +79,8 @@ def main() -> None:
 @click.option("--data", required=True, type=click.Path(path_type=Path),
               help="Shard folder from `cityprep preprocess`.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Run directory.")
+@click.option("--train-split", default=DEFAULTS.train_split,
+              help="Split(s) of --data to train on; '+' joins several (train+train_extra).")
 @click.option("--epochs", default=DEFAULTS.epochs, type=click.IntRange(1))
 @click.option("--batch-size", default=DEFAULTS.batch_size, type=click.IntRange(1),
               help="Images per process (per GPU).")
@@ -124,16 +126,23 @@ def main() -> None:
               help="Seconds; the LR schedule ends and training stops by then.")
 @click.option("--seed", default=DEFAULTS.seed, type=int)
 @click.option("--resume", is_flag=True, help="Continue from OUT/checkpoints/last.pt.")
+@click.option("--init", type=click.Path(path_type=Path), default=None,
+              help="Fine-tune: start from this checkpoint's model weights (new optimizer, "
+                   "schedule and epochs); same architecture and classes.")
+@click.option("--init-head", default=DEFAULTS.init_head, type=click.Choice(["keep", "reset"]),
+              help="With --init: keep the checkpoint's last layer, or start it afresh (for "
+                   "a checkpoint of another class set).")
 @click.option("--progress/--no-progress", default=True)
 @click.option("--preflight/--no-preflight", default=DEFAULTS.preflight,
               help="Measure one step's memory first; stop with a message if it won't fit.")
 @friendly_errors
-def fit(compile_: bool, crop: str, scale: str, data: Path, out: Path, **kwargs) -> None:
+def fit(compile_: bool, crop: str, scale: str, data: Path, out: Path, init: Path | None,
+        **kwargs) -> None:
     """Train a U-Net; writes config, metrics, TensorBoard events, checkpoints, pictures."""
     from train.fit import fit as run_fit
 
     run_fit(Config(data=str(data), out=str(out), compile=compile_, crop=parse_size(crop),
-                   scale=_range(scale), **kwargs))
+                   scale=_range(scale), init=str(init) if init else None, **kwargs))
 
 
 @main.command()
@@ -145,7 +154,8 @@ def fit(compile_: bool, crop: str, scale: str, data: Path, out: Path, **kwargs) 
 @click.option("--export-official", type=click.Path(path_type=Path), default=None,
               help="Write full-resolution labelId PNGs here and score at full resolution.")
 @click.option("--datadir", type=click.Path(path_type=Path), default=None,
-              help="Cityscapes tree with the originals (with --export-official).")
+              help="Cityscapes root with the originals, extracted or the official zips "
+                   "(with --export-official).")
 @click.option("--batch-size", default=4, type=click.IntRange(1))
 @click.option("--amp", default="off", type=click.Choice(["bf16", "fp16", "off"]))
 @click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]))

@@ -16,6 +16,7 @@ AMP_MODES = ("bf16", "fp16", "off")
 class Config:
     # data (pipeline/loader.py)
     data: str = ""
+    train_split: str = "train"  # "+" joins several: train+train_extra
     out: str = "runs/unet"
     crop: tuple[int, int] | None = (512, 1024)  # H, W of training crops; None = whole images
     scale: tuple[float, float] = (0.5, 2.0)
@@ -52,6 +53,8 @@ class Config:
     grid_samples: int = 4
     seed: int = 0
     resume: bool = False
+    init: str | None = None  # fine-tune: start from this checkpoint's weights (only)
+    init_head: str = "keep"  # keep | reset: the last layer from the checkpoint, or fresh
     progress: bool = True
     preflight: bool = True  # measure one step's memory before training, stop if it won't fit
 

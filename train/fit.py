@@ -25,6 +25,7 @@ from train import distributed, preflight
 from train.checkpoint import (
     check_arch,
     check_classes,
+    init_from_checkpoint,
     load_checkpoint,
     load_model_weights,
     rng_state,
@@ -69,6 +70,10 @@ def _fit(cfg: Config, dist: distributed.Dist) -> dict:
         raise ValueError(f"amp must be one of {', '.join(AMP_DTYPES)}, not {cfg.amp!r}")
     out = Path(cfg.out)
     last_path, best_path = out / "checkpoints" / "last.pt", out / "checkpoints" / "best.pt"
+    if cfg.init and cfg.resume:
+        raise TrainingError(f"--init and --resume together: --init starts a new run from a "
+                            f"checkpoint's weights, --resume continues the run in {out} from "
+                            f"its own {last_path.name}; pass one of them")
     if cfg.resume and not last_path.is_file():
         raise TrainingError(f"{last_path}: no checkpoint to resume from")
     if not cfg.resume and last_path.is_file():
@@ -88,11 +93,12 @@ def _fit(cfg: Config, dist: distributed.Dist) -> dict:
                   device=dist.device, workers=cfg.workers, channels_last=cfg.channels_last,
                   backend=cfg.backend)
     w, h = load_manifest(Path(cfg.data))["config"]["size"]
-    train_loader = build_loader(cfg.data, "train", cfg.batch_size, train=True,
+    train_loader = build_loader(cfg.data, cfg.train_split, cfg.batch_size, train=True,
                                 crop=cfg.crop or (h, w),
                                 scale=cfg.scale, flip=cfg.flip, jitter=cfg.jitter, **common)
     if len(train_loader) == 0:
-        raise TrainingError(f"{cfg.data}: the train split has {train_loader.num_samples} "
+        raise TrainingError(f"{cfg.data}: the {cfg.train_split} split has "
+                            f"{train_loader.num_samples} "
                             f"samples, fewer than one batch of {cfg.batch_size} per process "
                             f"x {dist.world_size} processes; lower --batch-size")
     manifest = train_loader.manifest
@@ -113,6 +119,10 @@ def _fit(cfg: Config, dist: distributed.Dist) -> dict:
     model = UNet(output_channels(cfg.losstype, len(classes)), width=cfg.width, depth=cfg.depth,
                  upsample=cfg.upsample)
     arch = dict(model.config)
+    init = None
+    if cfg.init:  # before SyncBatchNorm and DDP: every rank loads the same weights
+        init = init_from_checkpoint(model, Path(cfg.init), classes=classes, losstype=cfg.losstype,
+                                    data=cfg.data, head=cfg.init_head)
     if dist.distributed and cfg.sync_bn:
         model = distributed.convert_sync_batchnorm(model, dist.device)
     model.to(dist.device, memory_format=torch.channels_last if cfg.channels_last
@@ -156,6 +166,7 @@ def _fit(cfg: Config, dist: distributed.Dist) -> dict:
         "data": {"manifest_config": manifest["config"],
                  "samples": {s: v["samples"] for s, v in manifest["splits"].items()}},
         "steps_per_epoch": len(train_loader), "resumed_from_step": run["step"] or None,
+        "init": init,
     })
 
     def checkpoint(row: dict | None) -> dict:
