@@ -217,3 +217,41 @@ def read_label_ids(path: Path) -> np.ndarray:
     if depth < 8:  # libspng scales 2- and 4-bit grey to 0-255; the ids are the stored values
         ids //= 255 // (2**depth - 1)
     return ids
+
+
+# -- instance ids and unlabelled splits (full-resolution evaluation, test-server submissions) --
+
+INSTANCE_MODES = ("I;16", "L")  # 16-bit grey as Cityscapes ships them; 8-bit grey reads too
+
+
+def instance_path_for(label: Path) -> Path:
+    """The `*_instanceIds.png` beside a `*_labelIds.png`, as cityscapesScripts finds it."""
+    label = Path(label)
+    return label.with_name(label.name.replace("_labelIds.png", "_instanceIds.png"))
+
+
+def read_instance_ids(path: Path) -> np.ndarray:
+    """(H, W) uint16 instanceIds: labelId * 1000 + k for instances, the bare labelId elsewhere.
+
+    For 16-bit PNGs a view into the decoded buffer (not contiguous): no copy on the hot path.
+    """
+    data, mode, depth = _read_png(path, INSTANCE_MODES)
+    ids = _decode(path, data, None)
+    if ids.ndim == 3:  # libspng hands 16-bit grey out with an alpha channel; the grey is first
+        return ids[..., 0]
+    if depth < 8:
+        ids //= 255 // (2**depth - 1)
+    return ids.astype(np.uint16)
+
+
+def find_images(root: Path, split: str) -> list[tuple[str, Path]]:
+    """(name, image) of every image of `split`, sorted by name, without looking for labels.
+
+    For the test split, whose labels are not public.
+    """
+    split_dir = Path(root) / IMAGE_DIR / split
+    images = _scan(split_dir, IMAGE_RE)
+    if not images:
+        raise DatasetError(f"{split_dir}: no images named {{city}}_{{seq}}_{{frame}}_"
+                           f"{IMAGE_DIR}.png in its city folders")
+    return sorted(images.items())

@@ -76,10 +76,12 @@ def main() -> None:
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--train", default=20, show_default=True, help="Frames in the train split.")
 @click.option("--val", default=10, show_default=True, help="Frames in the val split.")
+@click.option("--test", default=0, show_default=True,
+              help="Frames in the test split (images only, as on the benchmark server).")
 @click.option("--size", type=Size(), default="2048x1024", show_default=True,
               help="Frame size WxH.")
 @click.option("--seed", default=0, show_default=True, help="Same seed, same city.")
-def synth(out: Path, train: int, val: int, size: tuple[int, int], seed: int) -> None:
+def synth(out: Path, train: int, val: int, test: int, size: tuple[int, int], seed: int) -> None:
     """Write a synthetic city into OUT.
 
     Street scenes in the exact Cityscapes layout (leftImg8bit, gtFine), deterministic per seed.
@@ -87,11 +89,12 @@ def synth(out: Path, train: int, val: int, size: tuple[int, int], seed: int) -> 
     from pipeline.synth import synthesize
 
     try:
-        synthesize(out, train=train, val=val, size=size, seed=seed, progress=True)
+        synthesize(out, train=train, val=val, test=test, size=size, seed=seed, progress=True)
     except ValueError as e:  # synth's checks of its arguments
         click.echo(f"error: {e}", err=True)
         raise click.exceptions.Exit(1) from None
-    click.echo(f"{out}: {train} train and {val} val frames at {size[0]}x{size[1]}")
+    tests = f" and {test} test" if test else ""
+    click.echo(f"{out}: {train} train, {val} val{tests} frames at {size[0]}x{size[1]}")
 
 
 @main.command()
@@ -234,3 +237,7 @@ def bench_loader(data_dir: Path, batch_size: int, workers: int | None, crop: str
                                      crop=(h, w), batches=batches, baseline=not no_baseline,
                                      backend=backend)
     click.echo(loader_bench.format_rows(rows))
+
+
+if __name__ == "__main__":
+    main()

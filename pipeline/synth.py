@@ -6,7 +6,8 @@ poles, signs, traffic lights, cars, trucks, buses, pedestrians and cyclists on i
 lays the street out and places those things, drawn as numbered polygons on a pipeline.scene
 Scene; renders the RGB image from its canvas of parts with a colour, texture and shading per
 part, so image and labels agree to the pixel and each class has a consistent look; and writes
-the leftImg8bit + gtFine tree (labelIds, instanceIds, color, polygons JSON).
+the leftImg8bit + gtFine tree (labelIds, instanceIds, color, polygons JSON). A test split,
+as on the benchmark server, has images only.
 """
 
 from __future__ import annotations
@@ -25,9 +26,10 @@ from pipeline.scene import ASPHALT, BRICK, FACADES, FLAT, GRASS, LEAVES, PAVING,
 from pipeline.shards import atomic_write_bytes
 
 CITIES = {"train": ("aachen", "bremen", "hamburg", "zurich"),
-          "val": ("frankfurt", "lindau", "munster")}
+          "val": ("frankfurt", "lindau", "munster"),
+          "test": ("berlin", "bielefeld", "bonn", "leverkusen", "mainz", "munich")}
 FRAME = 19  # the annotated frame of each real 30-frame snippet
-_SPLIT_CODE = {"train": 0, "val": 1}
+_SPLIT_CODE = {"train": 0, "val": 1, "test": 2}
 
 # How much each material (pipeline.scene) varies the brightness of its colour at four scales:
 # (grain, small blobs, leaf clusters, broad stains), in 256-wide-frame pixels 0.6, 1.5, 4, 30.
@@ -295,17 +297,23 @@ def render_frame(size: tuple[int, int], rng: np.random.Generator):
     return _render(sc), label_ids, inst, polygons
 
 
-def synthesize(root: Path, *, train: int = 20, val: int = 10,
+def synthesize(root: Path, *, train: int = 20, val: int = 10, test: int = 0,
                size: tuple[int, int] = (2048, 1024), seed: int = 0,
                progress: bool = False) -> list[Path]:
-    """Write a synthetic Cityscapes tree (leftImg8bit + gtFine) under `root`; returns images."""
+    """Write a synthetic Cityscapes tree (leftImg8bit + gtFine) under `root`; returns images.
+
+    `test` frames get no gtFine files at all: the public test split has no usable labels, and
+    code meant for it (`citytrain evaluate --submit`) must not need any.
+    """
     w, h = (int(v) for v in size)
     if w < 32 or h < 16:
         raise ValueError(f"synthetic city: size {w}x{h} is too small (at least 32x16)")
-    if train < 0 or val < 0 or seed < 0:
-        raise ValueError("synthetic city: --train, --val and --seed must not be negative")
+    if min(train, val, test, seed) < 0:
+        raise ValueError("synthetic city: --train, --val, --test and --seed must not be "
+                         "negative")
     root = Path(root)
-    jobs = [(split, i) for split, n in (("train", train), ("val", val)) for i in range(n)]
+    jobs = [(split, i) for split, n in (("train", train), ("val", val), ("test", test))
+            for i in range(n)]
     paths = []
     for split, i in tqdm(jobs, desc="synth", unit="frame", disable=not progress):
         cities = CITIES[split]
@@ -315,13 +323,14 @@ def synthesize(root: Path, *, train: int = 20, val: int = 10,
         rgb, label_ids, inst, polygons = render_frame((w, h), rng)
         img_dir, gt_dir = root / "leftImg8bit" / split / city, root / "gtFine" / split / city
         img_dir.mkdir(parents=True, exist_ok=True)
-        gt_dir.mkdir(parents=True, exist_ok=True)
-        gt = gt_dir / f"{stem}_gtFine"
-        atomic_write_bytes(Path(f"{gt}_labelIds.png"), _png(label_ids, 6))
-        atomic_write_bytes(Path(f"{gt}_color.png"), _png(_COLOR_LUT[label_ids], 6))
-        atomic_write_bytes(Path(f"{gt}_instanceIds.png"), _png(inst, 6))
-        atomic_write_bytes(Path(f"{gt}_polygons.json"),
-                           json.dumps(polygons, indent=1).encode())
+        if split != "test":
+            gt_dir.mkdir(parents=True, exist_ok=True)
+            gt = gt_dir / f"{stem}_gtFine"
+            atomic_write_bytes(Path(f"{gt}_labelIds.png"), _png(label_ids, 6))
+            atomic_write_bytes(Path(f"{gt}_color.png"), _png(_COLOR_LUT[label_ids], 6))
+            atomic_write_bytes(Path(f"{gt}_instanceIds.png"), _png(inst, 6))
+            atomic_write_bytes(Path(f"{gt}_polygons.json"),
+                               json.dumps(polygons, indent=1).encode())
         path = img_dir / f"{stem}_leftImg8bit.png"
         atomic_write_bytes(path, _png(rgb, 1))
         paths.append(path)

@@ -112,7 +112,7 @@ def test_bad_options_are_usage_errors(made, tmp_path, option):
 
 
 @pytest.mark.parametrize("command, flags", [
-    ("synth", ["--train", "--val", "--size", "--seed"]),
+    ("synth", ["--train", "--val", "--test", "--size", "--seed"]),
     ("preprocess", ["--datadir", "--out", "--split", "--size", "--mapping", "--workers",
                     "--shard-size", "--compression", "--part"]),
     ("inspect-shard", ["--json", "--preview"]),
