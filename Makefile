@@ -11,8 +11,10 @@ DATA ?= $(OUT)
 GPUS ?= 1
 EPOCHS ?= 100
 RUN ?= runs/cityscapes-$(SIZE)
+CHECKPOINT ?= $(RUN)/checkpoints/best.pt
+ARGS ?=
 
-.PHONY: install test demo preprocess train bench lint clean
+.PHONY: install test demo preprocess train evaluate bench lint clean
 
 install: $(STAMP)
 
@@ -36,6 +38,10 @@ preprocess: install
 
 train: install
 	$(BIN)/torchrun --standalone --nproc_per_node=$(GPUS) -m train.cli fit --data $(DATA) --out $(RUN) --epochs $(EPOCHS)
+
+# every rank scores its share; ARGS e.g. "--datadir $(DATADIR) --mode slide --window 512x1024"
+evaluate: install
+	$(BIN)/torchrun --standalone --nproc_per_node=$(GPUS) -m train.cli evaluate --checkpoint $(CHECKPOINT) --data $(DATA) $(ARGS)
 
 bench: install
 	$(BIN)/cityprep bench --out runs/bench
