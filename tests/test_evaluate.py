@@ -279,6 +279,9 @@ def test_usage_errors(run, shards, uneven, tmp_path):
     ("predict", ["--mode", "--window", "--stride", "--scales", "--flip", "--max-windows",
                  "--amp"]),
     ("fit", ["--eval-mode", "--eval-window", "--eval-stride", "--eval-scales", "--eval-flip"]),
+    ("bench-inference", ["--size", "--width", "--depth", "--window", "--stride", "--scales",
+                         "--images", "--warmup", "--max-windows", "--amp", "--device"]),
+    ("compare-official", ["--datadir", "--predictions", "--split", "--device"]),
 ])
 def test_help_explains_every_new_option(command, flags):
     out = citytrain(command, "--help").output

@@ -7,6 +7,7 @@
     citytrain evaluate --checkpoint ... --datadir ~/cityscapes --split test --submit results.zip
     citytrain predict --checkpoint runs/city/checkpoints/best.pt --input photos/ --out preds/
     citytrain bench --crop 512x1024 --batch-size 8 --amp bf16
+    citytrain bench-inference --size 1024x2048
 """
 
 from __future__ import annotations
@@ -307,6 +308,61 @@ def bench(crop: str, compile_: bool, json_out: Path | None, **kwargs) -> None:
     if json_out is not None:
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(report, indent=1) + "\n")
+
+
+@main.command("bench-inference")
+@click.option("--size", default="1024x2048", help="HxW of the synthetic image.")
+@click.option("--width", default=16, type=click.IntRange(1),
+              help="U-Net width (random weights: speed only).")
+@click.option("--depth", default=4, type=click.IntRange(1), help="U-Net depth.")
+@click.option("--window", default="512x1024", help="Slide window HxW.")
+@click.option("--stride", default=None, help="Slide stride HxW [2/3 of the window].")
+@click.option("--scales", default="0.75,1.0,1.25", help="Scales of the TTA row.")
+@click.option("--images", default=2, type=click.IntRange(1), help="Timed images per row.")
+@click.option("--warmup", default=1, type=click.IntRange(0), help="Untimed images per row "
+              "first.")
+@click.option("--max-windows", default=4, type=click.IntRange(1),
+              help="Windows per forward pass.")
+@click.option("--amp", default="off", type=click.Choice(["bf16", "fp16", "off"]),
+              help="Autocast the model to this precision.")
+@click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]),
+              help="Where to run [the GPU when there is one].")
+@click.option("--json", "json_out", type=click.Path(path_type=Path), default=None,
+              help="Also write the figures here.")
+@friendly_errors
+def bench_inference(size: str, window: str, stride: str | None, scales: str,
+                    json_out: Path | None, **kwargs) -> None:
+    """Images/s of whole, slide, and slide + flip + scales inference on one image."""
+    from train.bench import format_inference_report, run_inference_bench
+
+    report = run_inference_bench(size=parse_size(size), window=parse_size(window),
+                                 stride=parse_size(stride) if stride else None,
+                                 scales=_scales(scales), **kwargs)
+    click.echo(format_inference_report(report))
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(report, indent=1) + "\n")
+
+
+@main.command("compare-official")
+@click.option("--datadir", required=True, type=click.Path(path_type=Path),
+              help="Cityscapes tree with the split's labelIds and instanceIds PNGs.")
+@click.option("--predictions", required=True, type=click.Path(path_type=Path),
+              help="Folder of {city}_{seq}_{frame}*.png labelId PNGs (e.g. --export-official).")
+@click.option("--split", default="val", help="The split the PNGs predict.")
+@click.option("--device", default="cpu", type=click.Choice(["auto", "cpu", "cuda"]),
+              help="Where our evaluator counts.")
+@friendly_errors
+def compare_official(datadir: Path, predictions: Path, split: str, device: str) -> None:
+    """Score the same PNGs with our evaluator and cityscapesScripts' (needs cityscapesscripts):
+    the four scores of each, their difference and both times."""
+    from train.bench import compare_official as run
+    from train.bench import format_comparison
+
+    try:
+        click.echo(format_comparison(run(datadir, predictions, split, device)))
+    except RuntimeError as e:
+        raise click.ClickException(str(e)) from None
 
 
 if __name__ == "__main__":
