@@ -14,8 +14,10 @@ RUN ?= runs/cityscapes-$(SIZE)
 # The DALI build: cuda13 matches torch's default wheels; CUDA=12 for a CUDA 12 torch.
 CUDA ?= 13
 OTHER_CUDA := $(if $(filter 12,$(CUDA)),13,12)
+CHECKPOINT ?= $(RUN)/checkpoints/best.pt
+ARGS ?=
 
-.PHONY: install test demo preprocess train bench gpu-report lint clean
+.PHONY: install test demo preprocess train evaluate bench gpu-report lint clean
 
 install: $(STAMP)
 
@@ -41,6 +43,10 @@ preprocess: install
 
 train: install
 	$(BIN)/torchrun --standalone --nproc_per_node=$(GPUS) -m train.cli fit --data $(DATA) --out $(RUN) --epochs $(EPOCHS)
+
+# every rank scores its share; ARGS e.g. "--datadir $(DATADIR) --mode slide --window 512x1024"
+evaluate: install
+	$(BIN)/torchrun --standalone --nproc_per_node=$(GPUS) -m train.cli evaluate --checkpoint $(CHECKPOINT) --data $(DATA) $(ARGS)
 
 bench: install
 	$(BIN)/cityprep bench --out runs/bench

@@ -90,6 +90,14 @@ def open_archive(path: Path) -> Archive:
     return _index[key]
 
 
+def has_member(src: Member) -> bool:
+    """Whether the archive holds `src` (from its index: no read)."""
+    parts = src.member.split("/")
+    files = open_archive(src.archive).files.get((parts[0], parts[1]), {}) if len(parts) == 4 \
+        else {}
+    return (parts[-2], parts[-1]) in files
+
+
 def zips_in(folder: Path) -> list[Path]:
     """The zip files directly in `folder`, sorted (downloads sit side by side)."""
     return sorted(p for p in Path(folder).glob("*.zip") if p.is_file())

@@ -92,6 +92,11 @@ def sibling(src: Source, suffix: str) -> Source:
     return src.with_name(f"{stem}_{suffix}")
 
 
+def exists(src: Source) -> bool:
+    """Whether the file is there: in the tree, or in its archive's index."""
+    return archives.has_member(src) if isinstance(src, Member) else Path(src).is_file()
+
+
 def read_bytes(src: Source) -> bytes:
     """The bytes of a file in a tree or of a zip member; DatasetError naming it otherwise."""
     if isinstance(src, Member):
@@ -369,3 +374,42 @@ def read_label_ids(path: Source) -> np.ndarray:
     if depth < 8:  # libspng scales 2- and 4-bit grey to 0-255; the ids are the stored values
         ids //= 255 // (2**depth - 1)
     return ids
+
+
+# -- instance ids and unlabelled splits (full-resolution evaluation, test-server submissions) --
+
+INSTANCE_MODES = ("I;16", "L")  # 16-bit grey as Cityscapes ships them; 8-bit grey reads too
+
+
+def read_instance_ids(path: Path) -> np.ndarray:
+    """(H, W) uint16 instanceIds: labelId * 1000 + k for instances, the bare labelId elsewhere.
+
+    For 16-bit PNGs a view into the decoded buffer (not contiguous): no copy on the hot path.
+    """
+    data, mode, depth = _read_png(path, INSTANCE_MODES)
+    ids = _decode(path, data, None)
+    if ids.ndim == 3:  # libspng hands 16-bit grey out with an alpha channel; the grey is first
+        return ids[..., 0]
+    if depth < 8:
+        ids //= 255 // (2**depth - 1)
+    return ids.astype(np.uint16)
+
+
+def find_images(root: Path, split: str) -> list[tuple[str, Source]]:
+    """(name, image) of every image of `split`, sorted by name, without looking for labels.
+
+    For the test split, whose labels are not public; extracted or in the official zip.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"{root}: no such folder (expected a Cityscapes tree or the "
+                           "official zips)")
+    zips, broken = _open_archives(root)
+    if OFFICIAL.get((IMAGE_DIR, split)) in broken:
+        raise broken[OFFICIAL[(IMAGE_DIR, split)]]
+    images = _scan(root, zips, IMAGE_DIR, split, IMAGE_RE)
+    if not images.found:
+        if not (root / IMAGE_DIR).is_dir() and not any(IMAGE_DIR in z.tops for z in zips):
+            raise DatasetError(f"{root}: no {IMAGE_DIR}/ folder and no archive of it")
+        raise _no_images(root, zips, split, images)
+    return sorted(images.found.items())

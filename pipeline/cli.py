@@ -76,6 +76,8 @@ def main() -> None:
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--train", default=20, show_default=True, help="Frames in the train split.")
 @click.option("--val", default=10, show_default=True, help="Frames in the val split.")
+@click.option("--test", default=0, show_default=True,
+              help="Frames in the test split (images only, as on the benchmark server).")
 @click.option("--size", type=Size(), default="2048x1024", show_default=True,
               help="Frame size WxH.")
 @click.option("--seed", default=0, show_default=True, help="Same seed, same city.")
@@ -84,8 +86,8 @@ def main() -> None:
 @click.option("--extra", default=0, show_default=True,
               help="Frames in train_extra (images and gtCoarse only, as in Cityscapes); "
                    "implies --coarse.")
-def synth(out: Path, train: int, val: int, size: tuple[int, int], seed: int, coarse: bool,
-          extra: int) -> None:
+def synth(out: Path, train: int, val: int, test: int, size: tuple[int, int], seed: int,
+          coarse: bool, extra: int) -> None:
     """Write a synthetic city into OUT.
 
     Street scenes in the exact Cityscapes layout (leftImg8bit, gtFine, with --coarse or --extra
@@ -94,14 +96,14 @@ def synth(out: Path, train: int, val: int, size: tuple[int, int], seed: int, coa
     from pipeline.synth import synthesize
 
     try:
-        synthesize(out, train=train, val=val, size=size, seed=seed, coarse=coarse, extra=extra,
-                   progress=True)
+        synthesize(out, train=train, val=val, test=test, size=size, seed=seed, coarse=coarse,
+                   extra=extra, progress=True)
     except ValueError as e:  # synth's checks of its arguments
         click.echo(f"error: {e}", err=True)
         raise click.exceptions.Exit(1) from None
-    counts = (f"{train} train, {val} val and {extra} train_extra" if extra
-              else f"{train} train and {val} val")
-    click.echo(f"{out}: {counts} frames at {size[0]}x{size[1]}"
+    counts = [f"{train} train", f"{val} val"] + [f"{n} {split}" for n, split in (
+        (extra, "train_extra"), (test, "test")) if n]
+    click.echo(f"{out}: {', '.join(counts)} frames at {size[0]}x{size[1]}"
                f"{' with gtCoarse labels' if coarse or extra else ''}")
 
 

@@ -101,6 +101,19 @@ def plan(pairs: dict[str, list[Pair]], shard_size: int) -> list[Task]:
 # -- one sample -------------------------------------------------------------------------------
 
 
+def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Image (H, W, 3) area-averaged to size = (W, H): what the shards hold, and what
+    evaluation and prediction feed the model, so it always sees the pixels it trained on."""
+    w, h = size
+    src_h, src_w = image.shape[:2]
+    f = src_w // w
+    if (src_w, src_h) == (w, h):
+        return image
+    if f >= 1 and (src_w, src_h) == (f * w, f * h):
+        return np.asarray(Image.fromarray(image).reduce(f))
+    return np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR))
+
+
 def resize_pair(
     image: np.ndarray, label: np.ndarray, size: tuple[int, int]
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -112,9 +125,9 @@ def resize_pair(
         return image, label
     if f >= 1 and (src_w, src_h) == (f * w, f * h):
         # PIL's NEAREST samples source pixel f*i + f//2; slicing there keeps both paths equal.
-        return np.asarray(Image.fromarray(image).reduce(f)), label[f // 2 :: f, f // 2 :: f]
-    small = Image.fromarray(image).resize(size, Image.BILINEAR)
-    return np.asarray(small), np.asarray(Image.fromarray(label).resize(size, Image.NEAREST))
+        return resize_image(image, size), label[f // 2 :: f, f // 2 :: f]
+    return resize_image(image, size), np.asarray(Image.fromarray(label).resize(size,
+                                                                               Image.NEAREST))
 
 
 def _check_covered(label: np.ndarray, mapping: Mapping, source: Source) -> None:

@@ -6,7 +6,8 @@ poles, signs, traffic lights, cars, trucks, buses, pedestrians and cyclists on i
 lays the street out and places those things, drawn as numbered polygons on a pipeline.scene
 Scene; renders the RGB image from its canvas of parts with a colour, texture and shading per
 part, so image and labels agree to the pixel and each class has a consistent look; and writes
-the leftImg8bit + gtFine tree (labelIds, instanceIds, color, polygons JSON).
+the leftImg8bit + gtFine tree (labelIds, instanceIds, color, polygons JSON). A test split,
+as on the benchmark server, has images only.
 
 With `coarse`, gtCoarse labels as well, and `extra` frames of a train_extra split that, as in
 Cityscapes, have only those: the fine labelIds with a band along every boundary between two
@@ -32,9 +33,10 @@ from pipeline.shards import atomic_write_bytes
 
 CITIES = {"train": ("aachen", "bremen", "hamburg", "zurich"),
           "val": ("frankfurt", "lindau", "munster"),
-          "train_extra": ("augsburg", "bamberg", "dortmund", "konstanz")}
+          "train_extra": ("augsburg", "bamberg", "dortmund", "konstanz"),
+          "test": ("berlin", "bielefeld", "bonn", "leverkusen", "mainz", "munich")}
 FRAME = 19  # the annotated frame of each real 30-frame snippet
-_SPLIT_CODE = {"train": 0, "val": 1, "train_extra": 2}
+_SPLIT_CODE = {"train": 0, "val": 1, "train_extra": 2, "test": 3}
 
 # How much each material (pipeline.scene) varies the brightness of its colour at four scales:
 # (grain, small blobs, leaf clusters, broad stains), in 256-wide-frame pixels 0.6, 1.5, 4, 30.
@@ -318,24 +320,27 @@ def coarse_label_ids(label_ids: np.ndarray, margin: int) -> np.ndarray:
     return np.where(edge, 0, ids).astype(np.uint8)
 
 
-def synthesize(root: Path, *, train: int = 20, val: int = 10,
+def synthesize(root: Path, *, train: int = 20, val: int = 10, test: int = 0,
                size: tuple[int, int] = (2048, 1024), seed: int = 0, coarse: bool = False,
                extra: int = 0, progress: bool = False) -> list[Path]:
     """Write a synthetic Cityscapes tree (leftImg8bit + gtFine) under `root`; returns images.
 
     `coarse` adds gtCoarse labels to train and val; `extra` frames of train_extra come with
-    gtCoarse only (and imply `coarse`). Without them the output is what it always was.
+    gtCoarse only (and imply `coarse`). `test` frames get no label files at all: the public
+    test split has no usable labels, and code meant for it (`citytrain evaluate --submit`)
+    must not need any. Without these the output is what it always was.
     """
     w, h = (int(v) for v in size)
     if w < 32 or h < 16:
         raise ValueError(f"synthetic city: size {w}x{h} is too small (at least 32x16)")
-    if train < 0 or val < 0 or seed < 0 or extra < 0:
-        raise ValueError("synthetic city: --train, --val, --extra and --seed must not be "
-                         "negative")
+    if min(train, val, test, extra, seed) < 0:
+        raise ValueError("synthetic city: --train, --val, --test, --extra and --seed must not "
+                         "be negative")
     coarse = coarse or extra > 0
     margin = max(1, round(w / 256))  # 8 pixels at 2048x1024
     root = Path(root)
-    jobs = [(split, i) for split, n in (("train", train), ("val", val), ("train_extra", extra))
+    jobs = [(split, i) for split, n in (("train", train), ("val", val), ("train_extra", extra),
+                                        ("test", test))
             for i in range(n)]
     paths = []
     for split, i in tqdm(jobs, desc="synth", unit="frame", disable=not progress):
@@ -344,7 +349,7 @@ def synthesize(root: Path, *, train: int = 20, val: int = 10,
         stem = f"{city}_{seq:06d}_{FRAME:06d}"
         rng = np.random.default_rng([seed, _SPLIT_CODE[split], i])
         rgb, label_ids, inst, polygons = render_frame((w, h), rng)
-        if split != "train_extra":  # Cityscapes has no fine labels for it
+        if split not in ("train_extra", "test"):  # Cityscapes has no fine labels for them
             gt = root / "gtFine" / split / city / f"{stem}_gtFine"
             gt.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_bytes(Path(f"{gt}_labelIds.png"), _png(label_ids, 6))
@@ -352,7 +357,7 @@ def synthesize(root: Path, *, train: int = 20, val: int = 10,
             atomic_write_bytes(Path(f"{gt}_instanceIds.png"), _png(inst, 6))
             atomic_write_bytes(Path(f"{gt}_polygons.json"),
                                json.dumps(polygons, indent=1).encode())
-        if coarse:
+        if coarse and split != "test":
             ids = coarse_label_ids(label_ids, margin)
             gt = root / "gtCoarse" / split / city / f"{stem}_gtCoarse"
             gt.parent.mkdir(parents=True, exist_ok=True)

@@ -15,10 +15,13 @@ from pipeline.cityscapes import (
     PNG_SIGNATURE,
     DatasetError,
     Pair,
+    find_images,
     find_pairs,
     label_path_for,
     read_image,
+    read_instance_ids,
     read_label_ids,
+    sibling,
 )
 
 
@@ -230,3 +233,31 @@ def test_what_follows_the_pixel_data_is_not_checked_as_with_pillow(tmp_path, rgb
     path.write_bytes(PNG_SIGNATURE + b"\0\0\0\x0dIHDR")
     with pytest.raises(DatasetError, match=r"corrupt or truncated PNG \(image file is truncated"):
         read_image(path)
+
+
+def test_instance_ids_are_the_stored_16_bit_values(tmp_path, city):
+    for path in sorted((city / "gtFine").rglob("*_instanceIds.png"))[:3]:
+        ids = read_instance_ids(path)
+        assert ids.dtype == np.uint16
+        np.testing.assert_array_equal(ids, np.asarray(Image.open(path)))
+        assert (ids > 1000).any()  # cars, people: real instance ids, not clipped
+    assert sibling(Path("a/x_gtFine_labelIds.png"), "instanceIds.png") == \
+        Path("a/x_gtFine_instanceIds.png")
+    small = np.array([[0, 7, 26], [11, 26, 255]], np.uint8)  # 8-bit grey reads too
+    Image.fromarray(small).save(tmp_path / "eight.png")
+    np.testing.assert_array_equal(read_instance_ids(tmp_path / "eight.png"), small)
+    Image.new("RGB", (4, 2)).save(tmp_path / "rgb.png")
+    with pytest.raises(DatasetError, match="rgb.png: PNG of mode RGB; expected I;16 or L"):
+        read_instance_ids(tmp_path / "rgb.png")
+
+
+def test_images_of_a_split_without_labels(tmp_path, city):
+    from pipeline.synth import synthesize
+
+    synthesize(tmp_path, train=0, val=0, test=2, size=(64, 32))
+    assert [n for n, _ in find_images(tmp_path, "test")] == ["berlin_000000_000019",
+                                                            "bielefeld_000000_000019"]
+    assert not (tmp_path / "gtFine").exists()
+    with pytest.raises(DatasetError, match=r"leftImg8bit/val: no such split folder \(has: test\)"):
+        find_images(tmp_path, "val")
+    assert len(find_images(city, "val")) == 4

@@ -112,7 +112,7 @@ def test_bad_options_are_usage_errors(made, tmp_path, option):
 
 
 @pytest.mark.parametrize("command, flags", [
-    ("synth", ["--train", "--val", "--size", "--seed", "--coarse", "--extra"]),
+    ("synth", ["--train", "--val", "--test", "--size", "--seed", "--coarse", "--extra"]),
     ("preprocess", ["--datadir", "--out", "--split", "--size", "--mapping", "--workers",
                     "--shard-size", "--compression", "--part", "--mode", "official zips"]),
     ("inspect-shard", ["--json", "--preview"]),

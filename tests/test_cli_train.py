@@ -182,4 +182,4 @@ def test_evaluate_with_a_file_that_is_no_checkpoint(shards, tmp_path):
     assert "model.pt: not a readable checkpoint" in out
     out = fails("evaluate", "--checkpoint", bogus, "--data", shards, "--export-official",
                 tmp_path / "x", code=2)
-    assert "--export-official and --datadir go together" in out
+    assert "--export-official needs --datadir" in out

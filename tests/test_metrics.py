@@ -1,4 +1,5 @@
-"""ConfusionMatrix against a hand-computed matrix, and summed across two gloo processes."""
+"""ConfusionMatrix and InstanceStats against hand computations, summed across two gloo
+processes. (Agreement with cityscapesScripts' evaluator itself: tests/test_export.py.)"""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from train.metrics import ConfusionMatrix
+from pipeline.labels import get_mapping
+from train.metrics import AVERAGE_INSTANCE_SIZE, ConfusionMatrix, InstanceStats
 
 CLASSES = ["a", "b", "c", "d"]
 CATEGORIES = ["x", "x", "y", "z"]
@@ -28,7 +30,10 @@ def test_matrix_and_scores_match_hand_computation():
     assert cm.mat.dtype == torch.int64
     assert cm.mat.tolist() == MATRIX
     r = cm.compute(CLASSES, CATEGORIES)
-    assert set(r) == {"miou", "iou", "category_iou", "pixel_acc"}
+    assert list(r) == ["miou", "iiou", "category_miou", "category_iiou", "iou", "instance_iou",
+                       "category_iou", "category_instance_iou", "pixel_acc", "confusion"]
+    assert r["confusion"] == MATRIX
+    assert r["iiou"] is None and r["instance_iou"] == {}  # no instance statistics given
     # IoU = TP / (row + column - TP)
     assert r["iou"]["a"] == pytest.approx(2 / (3 + 2 - 2))
     assert r["iou"]["b"] == pytest.approx(1 / (2 + 2 - 1))
@@ -39,6 +44,7 @@ def test_matrix_and_scores_match_hand_computation():
     # category x merges a and b: TP 4, rows 5, columns 4
     assert r["category_iou"] == pytest.approx({"x": 4 / (5 + 4 - 4), "y": 1 / 2, "z": None})
     assert list(r["category_iou"]) == ["x", "y", "z"]
+    assert r["category_miou"] == pytest.approx((4 / 5 + 1 / 2) / 2)
 
 
 def test_predicted_but_absent_class_scores_zero_not_none():
@@ -69,13 +75,65 @@ def test_bad_inputs():
         cm.compute(CLASSES[:3])
 
 
+TRAINID = get_mapping("trainid")
+ROAD, PERSON, RIDER, CAR, TRUCK = (TRAINID.classes.index(c)
+                                   for c in ("road", "person", "rider", "car", "truck"))
+# One row of 12 pixels: car instances A (4 px) and B (2 px), a person (2 px), a crowd of cars
+# (id 26 = labelId only: no instance) and road.
+INSTANCES = torch.tensor([26000] * 4 + [26001] * 2 + [24000] * 2 + [26, 26, 7, 7])
+LABELS = torch.tensor([CAR] * 6 + [PERSON] * 2 + [CAR] * 2 + [ROAD] * 2)
+GUESS = torch.tensor([CAR, CAR, CAR, TRUCK, ROAD, ROAD, PERSON, RIDER, CAR, CAR, CAR, ROAD])
+
+
+def _instance_scores(images):
+    cm, stats = ConfusionMatrix(19), InstanceStats(TRAINID)
+    for pred, label, inst in images:
+        cm.update(pred, label)
+        stats.update(pred, inst)
+    return cm.compute(TRAINID.classes, TRAINID.categories, stats)
+
+
+def test_instance_iou_by_hand():
+    r = _instance_scores([(GUESS, LABELS, INSTANCES)])
+    car, person = AVERAGE_INSTANCE_SIZE["car"], AVERAGE_INSTANCE_SIZE["person"]
+    # A: 3 of 4 pixels right, weight car/4; B: none of 2, weight car/2; FP: the road pixel
+    # taken for a car (the crowd's pixels are true positives of the matrix, no instance)
+    tp, fn = 3 * car / 4, car / 4 + 2 * car / 2
+    assert r["instance_iou"]["car"] == pytest.approx(tp / (tp + 1 + fn))
+    assert r["instance_iou"]["person"] == pytest.approx(0.5)  # 1 of 2, no FP
+    assert r["instance_iou"]["rider"] == 0.0 and r["instance_iou"]["truck"] == 0.0  # FP only
+    assert r["instance_iou"]["bus"] is None  # neither instance nor prediction
+    assert list(r["instance_iou"]) == ["person", "rider", "car", "truck", "bus", "train",
+                                       "motorcycle", "bicycle"]
+    assert r["iiou"] == pytest.approx((tp / (tp + 1 + fn) + 0.5 + 0 + 0) / 4)
+    # categories: a person taken for a rider is still human; A's truck pixel still a vehicle
+    assert r["category_instance_iou"]["human"] == pytest.approx(1.0)
+    assert r["category_instance_iou"]["vehicle"] == pytest.approx(car / (car + 1 + car))
+    assert list(r["category_instance_iou"]) == ["human", "vehicle"]
+    assert r["category_iiou"] == pytest.approx((1 + car / (2 * car + 1)) / 2)
+    assert person > 0 and r["miou"] is not None
+
+
+def test_instance_classes_of_other_mappings():
+    # background, road, sky, car: only car is made of labelIds with instances, and it is the
+    # whole of its category
+    stats = InstanceStats(get_mapping("seed4"))
+    assert stats.class_names == ["car"] and stats.category_names == ["vehicle"]
+
+
 def _worker(rank: int, world: int, init: str, queue) -> None:
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     cm = ConfusionMatrix(4)
     cm.update(PRED[rank], TARGET[rank])  # each rank sees half the pixels
     cm.all_reduce()
-    queue.put((rank, cm.mat.tolist()))
+    stats = InstanceStats(TRAINID)  # and one of two images
+    stats.update(*IMAGES[rank])
+    stats.all_reduce()
+    queue.put((rank, (cm.mat.tolist(), stats.sums.tolist())))
     dist.destroy_process_group()
+
+
+IMAGES = [(GUESS, INSTANCES), (GUESS.roll(3), INSTANCES)]
 
 
 def test_all_reduce_sums_ranks(tmp_path):
@@ -89,4 +147,11 @@ def test_all_reduce_sums_ranks(tmp_path):
     for p in procs:
         p.join(timeout=60)
         assert p.exitcode == 0
-    assert results == {0: MATRIX, 1: MATRIX}
+    one = InstanceStats(TRAINID)
+    for image in IMAGES:
+        one.update(*image)
+    assert one.sums.abs().sum() > 0
+    for rank in (0, 1):
+        assert results[rank][0] == MATRIX
+        torch.testing.assert_close(torch.tensor(results[rank][1], dtype=torch.float64),
+                                   one.sums, rtol=1e-12, atol=0)

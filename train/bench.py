@@ -122,3 +122,136 @@ def format_report(r: dict) -> str:
         f"({r['peak_source']})",
         f"  peak memory       {r['peak_memory_mb']:.0f} MiB ({r['memory_kind']})",
     ])
+
+
+# -- inference: whole, slide, slide + flip + scales; scoring against the official evaluator ---
+
+def run_inference_bench(*, size: tuple[int, int] = (1024, 2048), width: int = 16,
+                        depth: int = 4, num_classes: int = 19,
+                        window: tuple[int, int] = (512, 1024),
+                        stride: tuple[int, int] | None = None,
+                        scales: tuple[float, ...] = (0.75, 1.0, 1.25), images: int = 2,
+                        warmup: int = 1, max_windows: int = 4, amp: str = "off",
+                        device: str = "auto") -> dict:
+    """Images/s of train.inference.infer on one (H, W) image for whole, slide, and slide with
+    flip and `scales`, with a U-Net of `width`/`depth` (random weights: speed only)."""
+    from train.inference import Inference, infer
+
+    dev = local_device(device)
+    torch.manual_seed(0)
+    model = UNet(num_classes, width=width, depth=depth).to(dev).eval()
+    x = torch.randn(1, 3, *size, device=dev)
+    settings = {
+        "whole": Inference(max_windows=max_windows),
+        "slide": Inference("slide", window, stride, max_windows=max_windows),
+        f"slide+flip+{len(scales)} scales": Inference("slide", window, stride, tuple(scales),
+                                                      True, max_windows),
+    }
+    rows = []
+    for name, s in settings.items():
+        kwargs = dict(mode=s.mode, window=s.window, stride=s.stride, scales=s.scales,
+                      flip=s.flip, max_windows=s.max_windows, amp=amp)
+        for _ in range(warmup):
+            infer(model, x, **kwargs)
+        _sync(dev)
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
+        start = time.perf_counter()
+        for _ in range(images):
+            infer(model, x, **kwargs).sum().item()
+        _sync(dev)
+        seconds = (time.perf_counter() - start) / images
+        row = {"setting": name, "inference": s.to_json(), "seconds_per_image": seconds,
+               "images_per_s": 1 / seconds}
+        if dev.type == "cuda":
+            row["peak_memory_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
+        rows.append(row)
+    return {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+            "threads": torch.get_num_threads(), "size": list(size), "width": width,
+            "depth": depth, "amp": amp, "images": images, "rows": rows}
+
+
+def format_inference_report(r: dict) -> str:
+    h, w = r["size"]
+    lines = [f"inference on {h}x{w} (HxW), U-Net width {r['width']} depth {r['depth']}, amp "
+             f"{r['amp']}, on {r['device']} ({r['threads']} threads), {r['images']} images"]
+    base = r["rows"][0]["images_per_s"]
+    for row in r["rows"]:
+        s = row["inference"]
+        detail = "" if s["mode"] == "whole" else \
+            f"  window {s['window'][0]}x{s['window'][1]} stride {s['stride'][0]}x" \
+            f"{s['stride'][1]}, scales {','.join(map(str, s['scales']))}, flip {s['flip']}"
+        mem = f", peak {row['peak_memory_mb']:.0f} MiB" if "peak_memory_mb" in row else ""
+        lines.append(f"  {row['setting']:<24} {row['images_per_s']:8.3f} images/s "
+                     f"({row['images_per_s'] / base:.2f}x whole{mem}){detail}")
+    return "\n".join(lines)
+
+
+def official_scores(datadir, predictions, split: str = "val") -> tuple[dict, float]:
+    """cityscapesScripts' evalPixelLevelSemanticLabeling on `predictions` (instance scores
+    on, quiet, no JSON file): its four scores and its seconds. Needs cityscapesscripts."""
+    import importlib
+    from pathlib import Path
+
+    try:
+        ev = importlib.import_module(
+            "cityscapesscripts.evaluation.evalPixelLevelSemanticLabeling")
+    except ImportError:
+        raise RuntimeError("the official evaluator is not installed: pip install "
+                           "cityscapesscripts (or the project's [dev] extra)") from None
+    if not hasattr(np, "in1d"):  # it still calls np.in1d, which numpy 2.4 removed
+        np.in1d = lambda a, b, *args, **kw: np.isin(a, b, *args, **kw)
+    settings = {"evalInstLevelScore": True, "evalPixelAccuracy": False, "JSONOutput": False,
+                "quiet": True, "predictionPath": str(predictions), "predictionWalk": None}
+    saved = {k: getattr(ev.args, k) for k in settings}
+    try:
+        for key, value in settings.items():
+            setattr(ev.args, key, value)
+        start = time.perf_counter()
+        gts = sorted(str(p) for p in Path(datadir).glob(f"gtFine/{split}/*/*_gtFine_labelIds.png"))
+        preds = [ev.getPrediction(ev.args, g) for g in gts]
+        result = ev.evaluateImgLists(preds, gts, ev.args)
+        seconds = time.perf_counter() - start
+    finally:
+        for key, value in saved.items():
+            setattr(ev.args, key, value)
+
+    def nan_none(v):
+        return None if v != v else v
+
+    return {"miou": nan_none(result["averageScoreClasses"]),
+            "iiou": nan_none(result["averageScoreInstClasses"]),
+            "category_miou": nan_none(result["averageScoreCategories"]),
+            "category_iiou": nan_none(result["averageScoreInstCategories"]),
+            "images": len(gts)}, seconds
+
+
+def compare_official(datadir, predictions, split: str = "val", device: str = "cpu") -> dict:
+    """Our scoring (train.export.score_predictions) and the official evaluator on the same
+    labelId PNGs: both sets of four scores, both times."""
+    from train.export import score_predictions
+
+    start = time.perf_counter()
+    ours = score_predictions(datadir, predictions, split, device=local_device(device))
+    our_seconds = time.perf_counter() - start
+    theirs, their_seconds = official_scores(datadir, predictions, split)
+    keys = ("miou", "iiou", "category_miou", "category_iiou")
+    diff = max((abs(ours[k] - theirs[k]) for k in keys
+                if ours[k] is not None and theirs[k] is not None), default=0.0)
+    return {"images": ours["images"], "ours": {k: ours[k] for k in keys},
+            "official": {k: theirs[k] for k in keys}, "max_difference": diff,
+            "our_seconds": our_seconds, "official_seconds": their_seconds,
+            "speedup": their_seconds / max(our_seconds, 1e-9)}
+
+
+def format_comparison(r: dict) -> str:
+    def fmt(v):
+        return "   n/a" if v is None else f"{v:.4f}"
+
+    lines = [f"{r['images']} images          ours   official"]
+    for k in ("miou", "iiou", "category_miou", "category_iiou"):
+        lines.append(f"  {k:<16} {fmt(r['ours'][k])}   {fmt(r['official'][k])}")
+    lines.append(f"  max difference   {r['max_difference']:.2e}")
+    lines.append(f"  seconds          {r['our_seconds']:.2f}   {r['official_seconds']:.2f}   "
+                 f"(official / ours: {r['speedup']:.2f}x)")
+    return "\n".join(lines)

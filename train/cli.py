@@ -3,9 +3,12 @@
     citytrain fit --data data_cache/city-1024x512 --out runs/city [--epochs 100 --amp bf16 ...]
     torchrun --standalone --nproc_per_node=4 -m train.cli fit ...        (one process per GPU)
     citytrain evaluate --checkpoint runs/city/checkpoints/best.pt --data data_cache/city-1024x512
+    citytrain evaluate --checkpoint ... --datadir ~/cityscapes --mode slide --window 512x1024
+    citytrain evaluate --checkpoint ... --datadir ~/cityscapes --split test --submit results.zip
     citytrain predict --checkpoint runs/city/checkpoints/best.pt --input photos/ --out preds/
     citytrain bench --crop 512x1024 --batch-size 8 --amp bf16
     citytrain gpu-report --out runs/gpu-report                           (a CUDA GPU only)
+    citytrain bench-inference --size 1024x2048
 """
 
 from __future__ import annotations
@@ -27,9 +30,11 @@ def _errors():
     from pipeline.labels import MappingError
     from pipeline.shards import ShardError
     from train.checkpoint import CheckpointError
+    from train.inference import InferenceError
     from train.predict import InputError
 
-    return (ShardError, MappingError, DatasetError, CheckpointError, InputError, TrainingError)
+    return (ShardError, MappingError, DatasetError, CheckpointError, InputError, TrainingError,
+            InferenceError)
 
 
 def friendly_errors(fn):
@@ -68,6 +73,60 @@ def _range(text: str) -> tuple[float, float]:
     except ValueError:
         raise click.BadParameter(f"expected MIN,MAX, got {text!r}") from None
     return lo, hi
+
+
+def _scales(text: str) -> tuple[float, ...]:
+    try:
+        scales = tuple(float(v) for v in text.split(","))
+        if not scales or min(scales) <= 0:
+            raise ValueError
+    except ValueError:
+        raise click.BadParameter(f"expected positive numbers like 0.75,1.0,1.25, got {text!r}") \
+            from None
+    return scales
+
+
+def inference_options(prefix: str = "", max_windows: bool = True):
+    """--mode --window --stride --scales --flip [--max-windows]; `prefix` "eval-" for fit."""
+    p = f"--{prefix}"
+    options = [
+        click.option(f"{p}mode", default="whole", type=click.Choice(["whole", "slide"]),
+                     help="whole: the image at once; slide: overlapping windows, outputs "
+                          "averaged where they overlap."),
+        click.option(f"{p}window", default=None, metavar="HxW",
+                     help="Slide window HxW at the model's scale, e.g. 512x1024."),
+        click.option(f"{p}stride", default=None, metavar="HxW",
+                     help="Slide stride HxW [2/3 of the window: 341x683 for 512x1024]."),
+        click.option(f"{p}scales", default="1.0", metavar="S,S,...",
+                     help="Test-time scales of the training size, outputs averaged, e.g. "
+                          "0.5,0.75,1.0,1.25,1.5,1.75."),
+        click.option(f"{p}flip", is_flag=True,
+                     help="Also run each image mirrored and average (test-time flip)."),
+    ]
+    if max_windows:
+        options.append(click.option(
+            "--max-windows", default=4, type=click.IntRange(1),
+            help="Windows (or whole images) per forward pass; peak memory grows with it."))
+
+    def decorate(fn):
+        for option in reversed(options):
+            fn = option(fn)
+        return fn
+
+    return decorate
+
+
+def parse_inference(mode: str, window: str | None, stride: str | None, scales: str,
+                    flip: bool, max_windows: int = 4, prefix: str = ""):
+    """The CLI's strings -> train.inference.Inference; a bad combination is a usage error."""
+    from train.inference import Inference, InferenceError
+
+    try:
+        return Inference(mode, parse_size(window) if window else None,
+                         parse_size(stride) if stride else None, _scales(scales), flip,
+                         max_windows)
+    except InferenceError as e:
+        raise click.UsageError(str(e).replace("--", f"--{prefix}")) from None
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -135,98 +194,76 @@ def main() -> None:
 @click.option("--progress/--no-progress", default=True)
 @click.option("--preflight/--no-preflight", default=DEFAULTS.preflight,
               help="Measure one step's memory first; stop with a message if it won't fit.")
+@inference_options("eval-", max_windows=False)
 @friendly_errors
 def fit(compile_: bool, crop: str, scale: str, data: Path, out: Path, init: Path | None,
-        **kwargs) -> None:
-    """Train a U-Net; writes config, metrics, TensorBoard events, checkpoints, pictures."""
+        eval_mode: str, eval_window: str | None, eval_stride: str | None, eval_scales: str,
+        eval_flip: bool, **kwargs) -> None:
+    """Train a U-Net; writes config, metrics, TensorBoard events, checkpoints, pictures.
+
+    Every validation runs the plain model; the --eval-* options apply to the evaluation after
+    the last epoch, written to OUT/eval-val/ as `citytrain evaluate` writes it.
+    """
     from train.fit import fit as run_fit
 
+    final = parse_inference(eval_mode, eval_window, eval_stride, eval_scales, eval_flip,
+                            prefix="eval-")
     run_fit(Config(data=str(data), out=str(out), compile=compile_, crop=parse_size(crop),
-                   scale=_range(scale), init=str(init) if init else None, **kwargs))
+                   scale=_range(scale), init=str(init) if init else None,
+                   eval_mode=final.mode, eval_window=final.window, eval_stride=final.stride,
+                   eval_scales=final.scales, eval_flip=final.flip, **kwargs))
 
 
 @main.command()
 @click.option("--checkpoint", required=True, type=click.Path(path_type=Path))
-@click.option("--data", required=True, type=click.Path(path_type=Path), help="Shard folder.")
+@click.option("--data", type=click.Path(path_type=Path), default=None,
+              help="Shard folder: score at shard resolution (optional with --datadir).")
 @click.option("--split", default="val")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
-              help="Folder for metrics.json [RUN/eval-SPLIT beside the checkpoints].")
-@click.option("--export-official", type=click.Path(path_type=Path), default=None,
-              help="Write full-resolution labelId PNGs here and score at full resolution.")
+              help="Folder for metrics.json, confusion.png, iou.png [RUN/eval-SPLIT beside "
+                   "the checkpoints].")
 @click.option("--datadir", type=click.Path(path_type=Path), default=None,
-              help="Cityscapes root with the originals, extracted or the official zips "
-                   "(with --export-official).")
-@click.option("--batch-size", default=4, type=click.IntRange(1))
+              help="Cityscapes root with the originals, extracted or the official zips: "
+                   "score at their resolution, with iIoU from the instanceIds PNGs.")
+@click.option("--export-official", type=click.Path(path_type=Path), default=None,
+              help="Also write {city}_{seq}_{frame}_pred.png labelId PNGs here (needs "
+                   "--datadir).")
+@click.option("--submit", type=click.Path(path_type=Path), default=None,
+              help="Predict the split (e.g. --split test) and zip labelId PNGs for the "
+                   "benchmark server here; reads no label (needs --datadir).")
+@inference_options()
+@click.option("--batch-size", default=4, type=click.IntRange(1),
+              help="Images per batch at shard resolution.")
 @click.option("--amp", default="off", type=click.Choice(["bf16", "fp16", "off"]))
 @click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--workers", type=click.IntRange(0), default=None)
 @click.option("--backend", default="auto", type=BACKENDS)
 @friendly_errors
-def evaluate(checkpoint: Path, data: Path, split: str, out: Path | None,
-             export_official: Path | None, datadir: Path | None, batch_size: int, amp: str,
-             device: str, workers: int | None, backend: str) -> None:
-    """Score a checkpoint on a split: metrics.json with mIoU, per-class and category IoU."""
-    from pipeline.loader import build_loader
-    from pipeline.shards import atomic_write_bytes, load_manifest
-    from train import distributed
-    from train.checkpoint import check_classes, load_checkpoint, model_from_checkpoint
-    from train.engine import evaluate as run_eval
+def evaluate(checkpoint: Path, data: Path | None, split: str, out: Path | None,
+             datadir: Path | None, export_official: Path | None, submit: Path | None,
+             mode: str, window: str | None, stride: str | None, scales: str, flip: bool,
+             max_windows: int, **kwargs) -> None:
+    """Score a checkpoint on a split: metrics.json (mIoU, iIoU, category mIoU and iIoU,
+    per class and category), confusion.png, iou.png. Under torchrun every rank scores its
+    share. With --submit: zip the split's predictions for the benchmark server instead."""
+    from train.evaluation import evaluate_checkpoint
 
-    if (export_official is None) != (datadir is None):
-        raise click.UsageError("--export-official and --datadir go together")
-    if out is None:
-        run = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" \
-            else checkpoint.parent
-        out = run / f"eval-{split}"
-    state = load_checkpoint(checkpoint)
-    manifest = load_manifest(data)
-    check_classes(state, manifest["classes"], checkpoint, data)
-    dist = distributed.setup(device)
-    try:
-        model = model_from_checkpoint(state, checkpoint, dist.device)
-        if export_official is not None:
-            from train.export import evaluate_full_resolution
-
-            if dist.distributed:
-                raise click.UsageError("--export-official runs in one process, not torchrun")
-            scores = evaluate_full_resolution(
-                model, data, split, datadir, export_dir=export_official,
-                mapping=state.get("mapping") or manifest["config"]["mapping_def"],
-                mean=state["mean"], std=state["std"], losstype=state["losstype"],
-                device=dist.device, amp=amp)
-            metrics = {"split": split, "resolution": "full", **scores}
-        else:
-            loader = build_loader(data, split, batch_size, train=False, mean=state["mean"],
-                                  std=state["std"], rank=dist.rank, world_size=dist.world_size,
-                                  device=dist.device, workers=workers, backend=backend)
-            cm, _, _ = run_eval(model, loader, None, num_classes=len(state["classes"]),
-                                losstype=state["losstype"], palette=state["palette"],
-                                device=dist.device, amp=amp)
-            loader.close()
-            scores = cm.compute(state["classes"], state.get("categories"))
-            metrics = {"split": split, "resolution": "shard", **scores,
-                       "images": loader.num_samples}
-        metrics.update(checkpoint=str(checkpoint), data=str(data))
-        if dist.is_main:
-            out.mkdir(parents=True, exist_ok=True)
-            text = json.dumps(metrics, indent=1) + "\n"
-            atomic_write_bytes(out / "metrics.json", text.encode())
-            click.echo(format_metrics(metrics))
-            click.echo(f"wrote {out / 'metrics.json'}")
-    finally:
-        distributed.cleanup()
-
-
-def format_metrics(metrics: dict) -> str:
-    def fmt(v):
-        return "   n/a" if v is None else f"{v:6.4f}"
-
-    lines = [f"{'class':<24} IoU"]
-    lines += [f"{name:<24} {fmt(v)}" for name, v in metrics["iou"].items()]
-    lines += [f"{'category ' + name:<24} {fmt(v)}" for name, v in metrics["category_iou"].items()]
-    lines.append(f"{metrics['split']} ({metrics['resolution']} resolution, {metrics['images']} "
-                 f"images): mIoU {fmt(metrics['miou'])}, pixel acc {fmt(metrics['pixel_acc'])}")
-    return "\n".join(lines)
+    inference = parse_inference(mode, window, stride, scales, flip, max_windows)
+    if export_official is not None and datadir is None:
+        raise click.UsageError("--export-official needs --datadir, the Cityscapes tree with "
+                               "the original images and labels")
+    if submit is not None and datadir is None:
+        raise click.UsageError("--submit needs --datadir, the Cityscapes tree with the "
+                               "split's images")
+    if submit is not None and export_official is not None:
+        raise click.UsageError("--submit writes predictions only; --export-official scores "
+                               "a labelled split: run them separately")
+    if data is None and datadir is None:
+        raise click.UsageError("pass --data (shards) or --datadir (the original Cityscapes "
+                               "tree)")
+    evaluate_checkpoint(checkpoint, data=data, split=split, out=out, datadir=datadir,
+                        export_official=export_official, submit=submit, inference=inference,
+                        echo=click.echo, **kwargs)
 
 
 @main.command()
@@ -236,15 +273,20 @@ def format_metrics(metrics: dict) -> str:
 @click.option("--out", required=True, type=click.Path(path_type=Path))
 @click.option("--size", default=None,
               help="Resize to WxH for the model [the training shards' size]; 'full' = as is.")
+@inference_options()
+@click.option("--amp", default="off", type=click.Choice(["bf16", "fp16", "off"]),
+              help="Autocast the model to this precision.")
 @click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]))
 @friendly_errors
 def predict(checkpoint: Path, inputs: tuple[Path, ...], out: Path, size: str | None,
-            device: str) -> None:
+            mode: str, window: str | None, stride: str | None, scales: str, flip: bool,
+            max_windows: int, amp: str, device: str) -> None:
     """Colorized masks and overlays for any images."""
     from train.checkpoint import load_checkpoint, model_from_checkpoint
     from train.distributed import local_device
     from train.predict import predict_paths
 
+    inference = parse_inference(mode, window, stride, scales, flip, max_windows)
     dev = local_device(device)
     state = load_checkpoint(checkpoint)
     model = model_from_checkpoint(state, checkpoint, dev)
@@ -254,7 +296,7 @@ def predict(checkpoint: Path, inputs: tuple[Path, ...], out: Path, size: str | N
         wh = parse_size(size, order="WxH")
     written = predict_paths(model, list(inputs), out, mean=state["mean"], std=state["std"],
                             palette=state["palette"], losstype=state["losstype"], device=dev,
-                            size=wh)
+                            size=wh, inference=inference, amp=amp)
     click.echo(f"wrote {len(written) // 2} masks and overlays to {out}")
 
 
@@ -315,6 +357,61 @@ def gpu_report(out: Path, budget: float) -> None:
     report = run_report(out, local_device("cuda"), Sizes(budget_s=budget))
     click.echo(format_report(report))
     click.echo(f"wrote {out / 'report.md'} and {out / 'report.json'}")
+
+
+@main.command("bench-inference")
+@click.option("--size", default="1024x2048", help="HxW of the synthetic image.")
+@click.option("--width", default=16, type=click.IntRange(1),
+              help="U-Net width (random weights: speed only).")
+@click.option("--depth", default=4, type=click.IntRange(1), help="U-Net depth.")
+@click.option("--window", default="512x1024", help="Slide window HxW.")
+@click.option("--stride", default=None, help="Slide stride HxW [2/3 of the window].")
+@click.option("--scales", default="0.75,1.0,1.25", help="Scales of the TTA row.")
+@click.option("--images", default=2, type=click.IntRange(1), help="Timed images per row.")
+@click.option("--warmup", default=1, type=click.IntRange(0), help="Untimed images per row "
+              "first.")
+@click.option("--max-windows", default=4, type=click.IntRange(1),
+              help="Windows per forward pass.")
+@click.option("--amp", default="off", type=click.Choice(["bf16", "fp16", "off"]),
+              help="Autocast the model to this precision.")
+@click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]),
+              help="Where to run [the GPU when there is one].")
+@click.option("--json", "json_out", type=click.Path(path_type=Path), default=None,
+              help="Also write the figures here.")
+@friendly_errors
+def bench_inference(size: str, window: str, stride: str | None, scales: str,
+                    json_out: Path | None, **kwargs) -> None:
+    """Images/s of whole, slide, and slide + flip + scales inference on one image."""
+    from train.bench import format_inference_report, run_inference_bench
+
+    report = run_inference_bench(size=parse_size(size), window=parse_size(window),
+                                 stride=parse_size(stride) if stride else None,
+                                 scales=_scales(scales), **kwargs)
+    click.echo(format_inference_report(report))
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(report, indent=1) + "\n")
+
+
+@main.command("compare-official")
+@click.option("--datadir", required=True, type=click.Path(path_type=Path),
+              help="Cityscapes tree with the split's labelIds and instanceIds PNGs.")
+@click.option("--predictions", required=True, type=click.Path(path_type=Path),
+              help="Folder of {city}_{seq}_{frame}*.png labelId PNGs (e.g. --export-official).")
+@click.option("--split", default="val", help="The split the PNGs predict.")
+@click.option("--device", default="cpu", type=click.Choice(["auto", "cpu", "cuda"]),
+              help="Where our evaluator counts.")
+@friendly_errors
+def compare_official(datadir: Path, predictions: Path, split: str, device: str) -> None:
+    """Score the same PNGs with our evaluator and cityscapesScripts' (needs cityscapesscripts):
+    the four scores of each, their difference and both times."""
+    from train.bench import compare_official as run
+    from train.bench import format_comparison
+
+    try:
+        click.echo(format_comparison(run(datadir, predictions, split, device)))
+    except RuntimeError as e:
+        raise click.ClickException(str(e)) from None
 
 
 if __name__ == "__main__":

@@ -47,6 +47,12 @@ class Config:
     compile: bool = False
     sync_bn: bool = True  # SyncBatchNorm across processes (DDP)
     device: str = "auto"
+    # the evaluation after the last epoch (train/evaluation.py, train/inference.py)
+    eval_mode: str = "whole"  # whole | slide
+    eval_window: tuple[int, int] | None = None  # H, W of the sliding windows
+    eval_stride: tuple[int, int] | None = None  # H, W; None: 2/3 of the window
+    eval_scales: tuple[float, ...] = (1.0,)
+    eval_flip: bool = False
     # bookkeeping
     log_every: int = 20  # steps between host syncs: loss, stop flag and clock across ranks
     eval_every: int = 1

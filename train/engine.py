@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import signal
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -273,17 +274,24 @@ def train_one_epoch(model: nn.Module, loader, criterion: nn.Module,
 @torch.inference_mode()
 def evaluate(model: nn.Module, loader, criterion: nn.Module | None, *, num_classes: int,
              losstype: str, palette, device: torch.device, amp: str = "off",
-             keep: int = 0) -> tuple[ConfusionMatrix, float | None, dict | None]:
+             keep: int = 0, forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
+             ) -> tuple[ConfusionMatrix, float | None, dict | None]:
     """Confusion matrix over the whole split (summed over ranks), mean loss per image, and the
-    first `keep` images, labels and predictions of this rank (for the pictures)."""
+    first `keep` images, labels and predictions of this rank (for the pictures).
+
+    `forward(images) -> outputs` replaces the plain `model(images)` under autocast, e.g. with
+    sliding windows or test-time augmentation (train/inference.py)."""
     model.eval()
     cm = ConfusionMatrix(num_classes, ignore_index=loader.ignore_index, device=device)
     totals = torch.zeros(2, dtype=torch.float64, device=device)  # loss * images, images
     images, kept = 0, None
     for batch in loader:
         image, label = batch["image"], batch["label"]
-        with autocast(device, amp):
-            outputs = model(image)
+        if forward is None:
+            with autocast(device, amp):
+                outputs = model(image)
+        else:
+            outputs = forward(image)
         outputs = outputs.float()
         pred = predict_classes(outputs, losstype, palette)
         cm.update(pred, label)

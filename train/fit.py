@@ -2,8 +2,9 @@
 
 Read top to bottom: check the run directory, build both loaders (the manifest's mean/std
 normalise both splits), the U-Net, loss and optimizer, resume if asked, then the epoch loop:
-train, evaluate, log, checkpoint, stop on a signal or when time runs out. The per-step and
-per-epoch machinery lives in `train/engine.py`.
+train, evaluate, log, checkpoint, stop on a signal or when time runs out; last, the final
+evaluation into OUT/eval-val (train/evaluation.py). The per-step and per-epoch machinery
+lives in `train/engine.py`.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from tqdm import tqdm
 
 from pipeline.loader import build_loader
 from pipeline.shards import load_manifest
-from train import distributed, preflight
+from train import distributed, evaluation, preflight
 from train.checkpoint import (
     check_arch,
     check_classes,
@@ -85,6 +86,7 @@ def _fit(cfg: Config, dist: distributed.Dist) -> dict:
             "inside every BatchNorm layer, which breaks the compiled graph at each one (and "
             "has crashed torch.compile upstream); train with --no-sync-bn (BatchNorm per "
             "process, fine at 8 or more images per GPU) or without --compile")
+    final_inference = evaluation.final_inference(cfg)  # a bad setting fails now, not at the end
     seed_everything(cfg.seed)
     speed = cuda_speed_settings(dist.device, tf32=cfg.tf32)
 
@@ -158,7 +160,7 @@ def _fit(cfg: Config, dist: distributed.Dist) -> dict:
         train_model, eval_model = torch.compile(train_model), torch.compile(model)
 
     rundir = RunDir(out, enabled=dist.is_main, resume_epoch=run["epoch"] if cfg.resume else None,
-                    resume_step=run["step"] if cfg.resume else None)
+                    resume_step=run["step"] if cfg.resume else None, palette=palette)
     rundir.write_config({
         "config": asdict(cfg), "world_size": dist.world_size, "device": str(dist.device),
         "cuda_settings": speed, "preflight": memory,
@@ -188,6 +190,7 @@ def _fit(cfg: Config, dist: distributed.Dist) -> dict:
 
     row: dict = {}
     loaders = [x for x in (train_loader, val_loader) if x is not None]
+    scores = None
     try:
         with Stopper().installed() as stopper:
             for epoch in range(run["epoch"], cfg.epochs):
@@ -238,6 +241,11 @@ def _fit(cfg: Config, dist: distributed.Dist) -> dict:
                     tqdm.write(_summary(row, cfg.epochs))
                 if final or time_up(cfg, run):
                     break
+        if val_loader is not None and row:
+            evaluation.final_evaluation(eval_model, val_loader, cfg=cfg, dist=dist,
+                                        inference=final_inference, scores=scores,
+                                        classes=classes, categories=categories, palette=palette,
+                                        checkpoint=last_path)
     finally:
         for loader in loaders:
             loader.close()

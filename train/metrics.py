@@ -1,17 +1,38 @@
-"""Confusion matrix over a whole split, summed across ranks, and the scores derived from it.
+"""Confusion matrix and instance statistics over a whole split, summed across ranks, and the
+four scores of the Cityscapes benchmark derived from them.
 
 IoU_k = TP / (TP + FP + FN) from the matrix; pixels labelled `ignore_index` are left out
 entirely, so a prediction on them is neither right nor wrong (as in the official Cityscapes
 evaluator). A class absent from both ground truth and prediction has no IoU (None) and is
 left out of the mean, again as the official evaluator does (NaN there).
+
+iIoU_k = iTP / (iTP + FP + iFN), where each ground-truth instance's pixels count with weight
+(average instance size of its class) / (its size), so that small instances count as much as
+large ones; FP stays unweighted. This is cityscapesScripts' `evalPixelLevelSemanticLabeling`:
+the same average sizes, instances are the instanceIds above 1000 (crowd regions, whose id is
+the bare labelId, count in IoU only), and a category has an iIoU when all its classes have
+instances (human, vehicle). With other mappings a class has an iIoU when every labelId it is
+made of has instances.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
-from pipeline.labels import IGNORE_INDEX
+from pipeline.labels import IGNORE_INDEX, LABEL_BY_ID, Mapping
+
+MAX_INSTANCE_ID = 1 << 16  # instanceIds PNGs are 16-bit
+
+# Average pixels per instance of each class over the training set: cityscapesScripts'
+# `args.avgClassSize`, the weights of the official iIoU.
+AVERAGE_INSTANCE_SIZE = {
+    "bicycle": 4672.3249222261, "caravan": 36771.8241758242, "motorcycle": 6298.7200839748,
+    "rider": 3930.4788056518, "bus": 35732.1511111111, "train": 67583.7075812274,
+    "car": 12794.0202738185, "person": 3462.4756337644, "truck": 27855.1264367816,
+    "trailer": 16926.9763313609,
+}
 
 
 class ConfusionMatrix:
@@ -34,28 +55,31 @@ class ConfusionMatrix:
             raise ValueError(f"prediction {tuple(pred.shape)} and target {tuple(target.shape)} "
                              "differ in shape")
         k = self.num_classes
-        pred = pred.reshape(-1).to(self.mat.device, torch.int64)
-        target = target.reshape(-1).to(self.mat.device, torch.int64)
-        keep = (target >= 0) & (target < k) & (target != self.ignore_index)
-        # One count over t*K+p fills the whole matrix in a single pass on the device; pixels
-        # left out go to a spare bin K*K rather than through a boolean mask, whose size the
-        # host would have to wait for. index_add_ needs no maximum either (bincount does).
-        idx = torch.where(keep, target * k + pred, k * k)
-        counts = torch.zeros(k * k + 1, dtype=torch.int64, device=self.mat.device)
-        counts.index_add_(0, idx, torch.ones(1, dtype=torch.int64,
-                                             device=idx.device).expand_as(idx))
-        self.mat += counts[: k * k].reshape(k, k)
+        # on the matrix's device: a GPU counts there, the CPU through numpy (bincount_pairs)
+        target = target.reshape(-1).to(self.mat.device)
+        pred = pred.reshape(-1).to(self.mat.device)
+        rows = 256  # uint8 targets as they are: rows k..255 (ignore) are dropped below
+        if target.dtype != torch.uint8 or self.ignore_index < k:
+            drop = (target < 0) | (target >= k) | (target == self.ignore_index)
+            target, rows = target.masked_fill(drop, k), k + 1
+        # One bincount over t*K+p fills the whole matrix in a single pass.
+        self.mat += bincount_pairs(target, pred, k, rows)[:k].to(self.mat.device)
 
     def all_reduce(self) -> None:
         """Sum the matrices of all ranks (no-op outside torch.distributed)."""
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(self.mat, op=dist.ReduceOp.SUM)
 
-    def compute(self, classes: list[str], categories: list[str] | None = None) -> dict:
-        """{"miou", "iou": {class: float|None}, "category_iou": {cat: float|None}, "pixel_acc"}.
+    def compute(self, classes: list[str], categories: list[str] | None = None,
+                instances: InstanceStats | None = None) -> dict:
+        """The scores, in the order metrics.json lists them:
+
+        miou, iiou, category_miou, category_iiou: the benchmark's four means (None when there
+        is nothing to average; the two iIoU ones also without `instances`);
+        iou, instance_iou, category_iou, category_instance_iou: {name: float|None} behind them;
+        pixel_acc; confusion: the matrix as nested lists (rows ground truth).
 
         Category IoU treats the classes of one category as one class (merge rows and columns).
-        `miou` and `pixel_acc` are None when there is nothing to average.
         """
         if len(classes) != self.num_classes:
             raise ValueError(f"{len(classes)} class names for a {self.num_classes}-class matrix")
@@ -67,17 +91,153 @@ class ConfusionMatrix:
                 raise ValueError(f"{len(categories)} categories for {self.num_classes} classes")
             for cat in dict.fromkeys(categories):  # first-appearance order
                 category_iou[cat] = _iou(mat, [k for k, c in enumerate(categories) if c == cat])
-        present = [v for v in iou.values() if v is not None]
+        instance_iou, category_instance_iou = ({}, {}) if instances is None \
+            else instances.compute(mat)
         total = float(mat.sum())
         return {
-            "miou": sum(present) / len(present) if present else None,
+            "miou": _mean(iou),
+            "iiou": _mean(instance_iou),
+            "category_miou": _mean(category_iou),
+            "category_iiou": _mean(category_instance_iou),
             "iou": iou,
+            "instance_iou": instance_iou,
             "category_iou": category_iou,
+            "category_instance_iou": category_instance_iou,
             "pixel_acc": float(mat.trace()) / total if total else None,
+            "confusion": self.mat.detach().cpu().tolist(),
         }
 
 
-def _iou(mat: torch.Tensor, ids: list[int]) -> float | None:
-    tp = float(mat[ids][:, ids].sum())
-    union = float(mat[ids, :].sum()) + float(mat[:, ids].sum()) - tp
+def bincount_pairs(a, b, nb: int, na: int) -> torch.Tensor:
+    """counts[i, j] = pixels with a == i and b == j: an (na, nb) int64 table; 0 <= a < na,
+    0 <= b < nb; tensors or arrays. On the CPU through numpy, whose bincount is several
+    times faster than torch's there."""
+    if isinstance(a, torch.Tensor) and a.device.type != "cpu":
+        return torch.bincount(a.long() * nb + b.to(a.device).long(),
+                              minlength=na * nb).reshape(na, nb)
+    a = a.numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
+    b = b.cpu().numpy() if isinstance(b, torch.Tensor) else np.asarray(b)
+    code_type = np.uint16 if na * nb <= 1 << 16 else np.int64
+    code = a.astype(code_type)
+    code *= nb
+    code += b.astype(code_type, copy=False)
+    return torch.from_numpy(np.bincount(code, minlength=na * nb).reshape(na, nb))
+
+
+def _mean(scores: dict[str, float | None]) -> float | None:
+    present = [v for v in scores.values() if v is not None]
+    return sum(present) / len(present) if present else None
+
+
+def _iou(mat: torch.Tensor, ids: list[int], tp: float | None = None,
+         fn: float | None = None) -> float | None:
+    """TP / (TP + FP + FN) of the classes `ids` taken as one; iIoU passes weighted TP and FN."""
+    inside = float(mat[ids][:, ids].sum())
+    fp = float(mat[:, ids].sum()) - inside
+    if tp is None:
+        tp, fn = inside, float(mat[ids, :].sum()) - inside
+    union = tp + fp + fn
     return tp / union if union else None
+
+
+class InstanceStats:
+    """Instance-weighted TP and FN per class and per category, for iIoU (see the module doc).
+
+    `sums[i] = (weighted TP, weighted FN)` for the instance classes, then the instance
+    categories: one float64 tensor, so ranks sum it with one all_reduce.
+    """
+
+    def __init__(self, mapping: Mapping, device: str | torch.device = "cpu") -> None:
+        def has_instances(ids) -> bool:
+            return bool(ids) and all(i in LABEL_BY_ID and LABEL_BY_ID[i].hasInstances for i in ids)
+
+        classes = [k for k, c in enumerate(mapping.class_defs) if has_instances(c.ids)]
+        cats = list(dict.fromkeys(mapping.categories))
+        cats = [cat for cat in cats
+                if all(k in classes for k, c in enumerate(mapping.categories) if c == cat)]
+        self.num_classes = mapping.num_classes
+        self.class_names = [mapping.classes[k] for k in classes]
+        self.category_names = cats
+        self.class_ids = classes  # class index of row i
+        self.category_ids = [[k for k, c in enumerate(mapping.categories) if c == cat]
+                             for cat in cats]
+        # Per instanceId (16-bit PNGs: below 65536): its row, class, category row (-1: none)
+        # and the weight's numerator. Ids up to 1000 are no instances (crowd regions or stuff).
+        ids = torch.arange(MAX_INSTANCE_ID)
+        label = (ids // 1000).clamp(max=255)
+        row_of_label = torch.full((256,), -1, dtype=torch.int64)
+        size_of_label = torch.zeros(256, dtype=torch.float64)
+        for i, k in enumerate(classes):
+            for label_id in mapping.class_defs[k].ids:
+                row_of_label[label_id] = i
+                size_of_label[label_id] = AVERAGE_INSTANCE_SIZE.get(LABEL_BY_ID[label_id].name, 0.)
+        row = torch.where(ids > 1000, row_of_label[label], -1)
+        self.device = torch.device(device)
+        self._candidates = torch.nonzero(row >= 0).flatten().to(self.device)
+        cand = self._candidates.cpu()
+        self._row = row[cand].to(self.device)
+        self._class = torch.tensor(classes, dtype=torch.int64)[self._row.cpu()].to(self.device)
+        self._avg = size_of_label[label[cand]].to(self.device)
+        # category membership of each class, and the category row of each candidate
+        member = torch.zeros(len(cats), mapping.num_classes, dtype=torch.float64)
+        cat_of_class = torch.full((mapping.num_classes,), -1, dtype=torch.int64)
+        for j, members in enumerate(self.category_ids):
+            member[j, members] = 1.0
+            cat_of_class[members] = j
+        self._member = member.to(self.device)
+        self._cat = cat_of_class[self._class.cpu()].to(self.device)
+        self.sums = torch.zeros(len(classes) + len(cats), 2, dtype=torch.float64,
+                                device=self.device)
+
+    @torch.no_grad()
+    def update(self, pred: torch.Tensor, instance_ids) -> None:
+        """Add one image: class ids (H, W) and its instanceIds (H, W) as read from the PNG."""
+        k = self.num_classes
+        if self.device.type == "cpu":  # numpy's masks and bincount are several times torch's
+            inst, pred = np.asarray(instance_ids).reshape(-1), pred.cpu().numpy().reshape(-1)
+        else:
+            inst = torch.as_tensor(instance_ids).to(self.device).reshape(-1)
+            pred = pred.to(self.device).reshape(-1)
+        if inst.shape != pred.shape:
+            raise ValueError(f"prediction of {pred.size} pixels, instance ids of {inst.size}")
+        keep = inst > 1000  # instances only: a fifth of the pixels in a street scene
+        inst, pred = inst[keep], pred[keep]
+        if len(inst) and int(inst.max()) >= MAX_INSTANCE_ID:
+            raise ValueError(f"instance ids above {MAX_INSTANCE_ID - 1}")
+        # One bincount over (instance id, predicted class) gives, for every instance, how
+        # many of its pixels went to each class; the rest works on that small table.
+        table = bincount_pairs(inst, pred, k, MAX_INSTANCE_ID).to(self.device)
+        table = table[self._candidates]
+        present = table.sum(1) > 0
+        if not present.any():
+            return
+        table = table[present].double()
+        rows, cls, cats = self._row[present], self._class[present], self._cat[present]
+        pixels = table.sum(1)
+        weight = self._avg[present] / pixels
+        hit = table.gather(1, cls[:, None])[:, 0]
+        add = torch.zeros_like(self.sums)
+        add[:, 0].index_add_(0, rows, hit * weight)
+        add[:, 1].index_add_(0, rows, (pixels - hit) * weight)
+        has_cat = cats >= 0
+        if has_cat.any():  # a category's TP: predicted as any class of the category
+            cat_hit = (table[has_cat] * self._member[cats[has_cat]]).sum(1)
+            w, n = weight[has_cat], len(self.class_ids)
+            add[:, 0].index_add_(0, n + cats[has_cat], cat_hit * w)
+            add[:, 1].index_add_(0, n + cats[has_cat], (pixels[has_cat] - cat_hit) * w)
+        self.sums += add
+
+    def all_reduce(self) -> None:
+        """Sum over ranks (no-op outside torch.distributed)."""
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(self.sums, op=dist.ReduceOp.SUM)
+
+    def compute(self, mat: torch.Tensor) -> tuple[dict, dict]:
+        """({class: iIoU|None}, {category: iIoU|None}) with FP from the confusion matrix."""
+        sums = self.sums.detach().cpu().tolist()
+        classes = {name: _iou(mat, [k], *sums[i])
+                   for i, (name, k) in enumerate(zip(self.class_names, self.class_ids))}
+        n = len(self.class_ids)
+        cats = {name: _iou(mat, ids, *sums[n + j])
+                for j, (name, ids) in enumerate(zip(self.category_names, self.category_ids))}
+        return classes, cats

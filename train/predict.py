@@ -1,8 +1,10 @@
 """`citytrain predict`: colorized masks and overlays for any images, of any size.
 
-Each image is resized to the training shards' size (the scale the model learned), predicted,
-and the prediction resized back to the image's own size with nearest neighbour, so a mask
-always lies exactly on its image. Outputs: `<stem>_mask.png` and `<stem>_overlay.png`;
+Each image is resized to the training shards' size (the scale the model learned) as
+preprocessing resizes, run as the inference settings say (train/inference.py: whole or
+sliding windows, scales, flip), and the outputs are upsampled bilinearly to the image's own
+size before the argmax, so a mask always lies exactly on its image, as in full-resolution
+evaluation. Outputs: `<stem>_mask.png` and `<stem>_overlay.png`;
 for a folder given as input its subfolders are kept under `out`, so equal stems in
 different folders do not overwrite each other.
 """
@@ -40,7 +42,10 @@ def to_input(
     image: np.ndarray, mean: Sequence[float], std: Sequence[float], device
 ) -> torch.Tensor:
     """uint8 (N, H, W, 3) or (H, W, 3) -> the loader's normalized float (N, 3, H, W)."""
-    x = torch.as_tensor(np.asarray(image)).to(device)
+    image = np.asarray(image)
+    if not image.flags.writeable:  # as PIL hands arrays out; torch warns about those
+        image = image.copy()
+    x = torch.as_tensor(image).to(device)
     if x.ndim == 3:
         x = x[None]
     x = x.permute(0, 3, 1, 2).float() / 255.0
@@ -80,18 +85,23 @@ def find_images(inputs: list[Path], out: Path) -> list[tuple[Path, Path]]:
 @torch.inference_mode()
 def predict_image(
     model: torch.nn.Module, image: np.ndarray, *, mean, std, palette, losstype: str,
-    device, size: tuple[int, int] | None = None,
+    device, size: tuple[int, int] | None = None, inference=None, amp: str = "off",
 ) -> np.ndarray:
-    """Class ids (H, W) uint8 for one uint8 (H, W, 3) image, at the image's own size."""
+    """Class ids (H, W) uint8 for one uint8 (H, W, 3) image, at the image's own size.
+
+    `size` (W, H) is what the model sees (None: the image as it is); `inference` a
+    train.inference.Inference (None: the whole image once).
+    """
+    from pipeline.preprocess import resize_image
+    from train.inference import WHOLE, infer
+
     h, w = image.shape[:2]
-    small = image
-    if size is not None and tuple(size) != (w, h):
-        small = np.array(Image.fromarray(image).resize(tuple(size), Image.BILINEAR))
-    outputs = model(to_input(small, mean, std, device))
-    pred = predict_classes(outputs, losstype, palette)[0].to(torch.uint8).cpu().numpy()
-    if pred.shape != (h, w):
-        pred = np.asarray(Image.fromarray(pred).resize((w, h), Image.NEAREST))
-    return pred
+    small = image if size is None else resize_image(image, tuple(size))
+    s = inference or WHOLE
+    outputs = infer(model, to_input(small, mean, std, device), mode=s.mode, window=s.window,
+                    stride=s.stride, scales=s.scales, flip=s.flip, max_windows=s.max_windows,
+                    amp=amp, out_size=(h, w))
+    return predict_classes(outputs, losstype, palette)[0].to(torch.uint8).cpu().numpy()
 
 
 def predict_paths(
@@ -105,10 +115,13 @@ def predict_paths(
     losstype: str = "segment",
     device: str | torch.device = "cpu",
     size: tuple[int, int] | None = None,
+    inference=None,
+    amp: str = "off",
 ) -> list[Path]:
     """Predict every image in `inputs` (files or folders); returns the PNGs written.
 
     `size` is (W, H) of the training shards; None predicts at each image's own size.
+    `inference` (train.inference.Inference) sets windows, scales and flip.
     """
     out = Path(out)
     images = find_images(inputs, out)
@@ -119,7 +132,8 @@ def predict_paths(
         for path, stem in images:
             image = load_rgb(path)
             pred = predict_image(model, image, mean=mean, std=std, palette=palette,
-                                 losstype=losstype, device=device, size=size)
+                                 losstype=losstype, device=device, size=size,
+                                 inference=inference, amp=amp)
             mask = colorize(pred, palette)
             written.append(write_png(out / f"{stem}_mask.png", mask))
             written.append(write_png(out / f"{stem}_overlay.png", overlay(image, mask)))

@@ -2,7 +2,8 @@
 
     config.json      every setting, the shards' manifest config, versions
     metrics.csv      one row per epoch (METRICS_COLUMNS)
-    events.*         TensorBoard scalars: train loss/lr per step, val scores per epoch
+    events.*         TensorBoard scalars: train loss/lr per step, val scores per epoch;
+                     images: the val confusion matrix and per-class IoU at each validation
     checkpoints/     last.pt, best.pt (train/checkpoint.py)
     predictions/epoch_{e:03d}/val.png   image | ground truth | prediction
 """
@@ -47,11 +48,12 @@ class RunDir:
     """
 
     def __init__(self, out: Path, *, enabled: bool, resume_epoch: int | None = None,
-                 resume_step: int | None = None) -> None:
+                 resume_step: int | None = None, palette=None) -> None:
         self.out = Path(out)
         self.enabled = enabled
         self.metrics = self.out / "metrics.csv"
         self.writer = None
+        self.palette = palette  # class colours of the IoU bars
         if not enabled:
             return
         (self.out / "checkpoints").mkdir(parents=True, exist_ok=True)
@@ -90,6 +92,14 @@ class RunDir:
         for name, value in (scores or {}).get("iou", {}).items():
             if value is not None:
                 self.writer.add_scalar(f"val_iou/{name}", value, step)
+        if scores and "confusion" in scores:
+            from train.visualize import confusion_image, iou_image
+
+            classes = list(scores["iou"])
+            self.writer.add_image("val/confusion", confusion_image(scores["confusion"], classes),
+                                  step, dataformats="HWC")
+            self.writer.add_image("val/iou", iou_image(scores["iou"], self.palette, classes),
+                                  step, dataformats="HWC")
         self.writer.flush()
 
     def save_grid(self, epoch: int, kept: dict | None, *, mean, std, palette) -> Path | None:

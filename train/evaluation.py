@@ -1,0 +1,233 @@
+"""`citytrain evaluate` and the evaluation that ends `citytrain fit`; the results folder.
+
+Which images, chosen by the options:
+- shard resolution (`--data` alone): the split's shards through the loader, rank r reading
+  the r-th contiguous block (pipeline.sampling.Plan). No iIoU: shards hold no instance ids.
+- full resolution (`--datadir`): the original PNGs, train/export.py, rank r scoring the r-th
+  block of the sorted image list; `--export-official DIR` also writes labelId PNGs there.
+- submission (`--submit ZIP`, with `--datadir`): the split's images only, predicted and zipped.
+
+Confusion matrices and instance statistics are summed over ranks; rank 0 alone writes
+OUT/metrics.json, OUT/confusion.png and OUT/iou.png.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from pipeline.shards import atomic_write_bytes
+from train.inference import Inference, infer
+from train.visualize import write_evaluation_pictures
+
+# metrics.json lists these first: what a reader looks for
+HEAD = ("split", "resolution", "images", "miou", "iiou", "category_miou", "category_iiou",
+        "pixel_acc")
+
+
+def metrics_text(metrics: dict) -> str:
+    """metrics.json's text: keys in HEAD's order first, one line per confusion-matrix row."""
+    body = {k: metrics[k] for k in HEAD if k in metrics}
+    body.update((k, v) for k, v in metrics.items() if k not in body and k != "confusion")
+    text = json.dumps(body, indent=1)
+    if metrics.get("confusion") is not None:
+        rows = ",\n  ".join(json.dumps(r) for r in metrics["confusion"])
+        text = f'{text[:-2]},\n "confusion": [\n  {rows}\n ]\n}}'
+    return text + "\n"
+
+
+def write_results(out: Path, metrics: dict, classes: list[str], palette=None) -> list[Path]:
+    """metrics.json, confusion.png and iou.png into `out`, each written atomically."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out / "metrics.json", metrics_text(metrics).encode())
+    return [out / "metrics.json", *write_evaluation_pictures(out, metrics, classes, palette)]
+
+
+def inference_record(inference: Inference, amp: str, size: tuple[int, int]) -> dict:
+    """metrics.json's "inference": the settings, and the (H, W) the model sees at scale 1."""
+    return {**inference.to_json(), "amp": amp, "model_size": [int(size[0]), int(size[1])]}
+
+
+def shard_forward(model, inference: Inference, amp: str):
+    """engine.evaluate's `forward` for these settings (None: the model's own forward)."""
+    if inference.plain:
+        return None
+    s = inference
+
+    def forward(images: torch.Tensor) -> torch.Tensor:
+        return infer(model, images, mode=s.mode, window=s.window, stride=s.stride,
+                     scales=s.scales, flip=s.flip, max_windows=s.max_windows, amp=amp)
+
+    return forward
+
+
+def evaluate_shards(model, loader, *, inference: Inference, amp: str, device, classes,
+                    categories, palette, losstype: str, scores: dict | None = None) -> dict:
+    """The shard-resolution metrics of `loader`'s split (every rank its block, summed).
+
+    `scores` of an evaluation of the same model already done with the plain forward is
+    reused when `inference` is plain too.
+    """
+    from train.engine import evaluate
+
+    tick = time.perf_counter()
+    if scores is None or not inference.plain:
+        cm, _, _ = evaluate(model, loader, None, num_classes=len(classes), losstype=losstype,
+                            palette=palette, device=device, amp=amp,
+                            forward=shard_forward(model, inference, amp))
+        scores = cm.compute(classes, categories)
+    seconds = time.perf_counter() - tick
+    return {"split": loader.split, "resolution": "shard", "images": loader.num_samples,
+            **scores, "inference": inference_record(inference, amp, loader.size),
+            "seconds": seconds}
+
+
+def final_inference(cfg) -> Inference:
+    """The settings of fit's last evaluation (--eval-*), checked before training starts."""
+    return Inference(cfg.eval_mode, cfg.eval_window, cfg.eval_stride, tuple(cfg.eval_scales),
+                     cfg.eval_flip)
+
+
+def final_evaluation(model, loader, *, cfg, dist, inference: Inference, scores: dict | None,
+                     classes, categories, palette, checkpoint: Path) -> dict:
+    """What ends `fit`: the val split scored with --eval-* into RUN/eval-val, the folder
+    `citytrain evaluate` writes by default. The epochs' validations stay plain, so their
+    mIoU compare with each other and choose best.pt; this one may add windows and TTA."""
+    metrics = evaluate_shards(model, loader, inference=inference, amp=cfg.amp,
+                              device=dist.device, classes=classes, categories=categories,
+                              palette=palette, losstype=cfg.losstype, scores=scores)
+    metrics.update(checkpoint=str(checkpoint), data=str(cfg.data))
+    if dist.is_main:
+        write_results(Path(cfg.out) / "eval-val", metrics, classes, palette)
+    return metrics
+
+
+def format_metrics(metrics: dict) -> str:
+    """The terminal summary: per-class IoU and iIoU, per-category, then the four scores."""
+    def fmt(v):
+        return "   n/a" if v is None else f"{v:6.4f}"
+
+    inst, cat_inst = metrics.get("instance_iou", {}), metrics.get("category_instance_iou", {})
+    lines = [f"{'class':<24}    IoU   iIoU"]
+    lines += [f"{name:<24} {fmt(v)} {fmt(inst[name]) if name in inst else ''}".rstrip()
+              for name, v in metrics["iou"].items()]
+    lines += [f"{'category ' + name:<24} {fmt(v)} "
+              f"{fmt(cat_inst[name]) if name in cat_inst else ''}".rstrip()
+              for name, v in metrics["category_iou"].items()]
+    lines.append(f"{metrics['split']} ({metrics['resolution']} resolution, {metrics['images']} "
+                 f"images): mIoU {fmt(metrics['miou'])}, iIoU {fmt(metrics.get('iiou'))}, "
+                 f"category mIoU {fmt(metrics.get('category_miou'))}, category iIoU "
+                 f"{fmt(metrics.get('category_iiou'))}, pixel acc {fmt(metrics['pixel_acc'])}")
+    if metrics["resolution"] == "shard":
+        lines.append("(iIoU needs the instance ids of the originals: evaluate with --datadir)")
+    elif metrics.get("iiou") is None and not inst:
+        lines.append("(no *_gtFine_instanceIds.png beside the labels: no iIoU)")
+    if metrics["pixel_acc"] is None:
+        lines.append(f"(no labelled pixels in {metrics['split']}: if its labels are "
+                     "placeholders, as the test split's are, use --submit)")
+    return "\n".join(lines)
+
+
+def default_out(checkpoint: Path, split: str) -> Path:
+    """RUN/eval-SPLIT beside RUN/checkpoints/, else beside the checkpoint file."""
+    checkpoint = Path(checkpoint)
+    run = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" \
+        else checkpoint.parent
+    return run / f"eval-{split}"
+
+
+def _benchmark_classes(mapping, checkpoint: Path) -> None:
+    """The benchmark server scores the 19 official classes, as labelIds."""
+    from pipeline.labels import get_mapping
+    from train.checkpoint import CheckpointError
+
+    official = get_mapping("trainid")
+    k = official.num_classes
+    if mapping.classes != official.classes or \
+            list(mapping.export_ids[:k]) != list(official.export_ids[:k]):
+        raise CheckpointError(
+            f"{checkpoint}: predicts {mapping.num_classes} classes of mapping "
+            f"{mapping.name!r}; the benchmark server scores the 19 official ones: train on "
+            "shards made with `cityprep preprocess --mapping trainid`")
+
+
+def evaluate_checkpoint(checkpoint: Path, *, data: Path | None, split: str, out: Path | None,
+                        datadir: Path | None, export_official: Path | None,
+                        submit: Path | None, inference: Inference, batch_size: int = 4,
+                        amp: str = "off", device: str = "auto", workers: int | None = None,
+                        backend: str = "auto", echo=print) -> dict | None:
+    """The whole of `citytrain evaluate` (any number of ranks): the metrics written, or None
+    for a submission. Shards at `data`, originals at `datadir`; see the module doc."""
+    from pipeline.loader import build_loader
+    from pipeline.shards import load_manifest
+    from train import distributed
+    from train.checkpoint import (
+        CheckpointError,
+        check_classes,
+        load_checkpoint,
+        model_from_checkpoint,
+    )
+    from train.export import as_mapping, evaluate_full_resolution, write_submission
+
+    state = load_checkpoint(checkpoint)
+    manifest = None
+    if data is not None:
+        manifest = load_manifest(data)
+        check_classes(state, manifest["classes"], checkpoint, data)
+    mapping = state.get("mapping") or (manifest or {}).get("config", {}).get("mapping_def")
+    if datadir is not None and mapping is None:
+        raise CheckpointError(f"{checkpoint}: holds no label mapping; pass --data with the "
+                              "shards it was trained on")
+    if submit is not None:
+        mapping = as_mapping(mapping)
+        _benchmark_classes(mapping, checkpoint)
+    elif datadir is not None and not (Path(datadir) / "gtFine" / split).is_dir():
+        from pipeline.cityscapes import DatasetError
+
+        raise DatasetError(f"{Path(datadir) / 'gtFine' / split}: no labels to score the "
+                           f"{split} split against; to predict it for the benchmark server, "
+                           "pass --submit results.zip")
+    out = default_out(checkpoint, split) if out is None else Path(out)
+    w, h = state["size"]  # the training shards' W x H: the scale the model sees
+    dist = distributed.setup(device)
+    try:
+        model = model_from_checkpoint(state, checkpoint, dist.device)
+        common = dict(mapping=mapping, mean=state["mean"], std=state["std"], size=(w, h),
+                      losstype=state["losstype"], device=dist.device, amp=amp,
+                      inference=inference, rank=dist.rank, world_size=dist.world_size)
+        tick = time.perf_counter()
+        if submit is not None:
+            n = write_submission(model, datadir, split, submit, **common)
+            if dist.is_main:
+                echo(f"wrote {submit}: {n} labelId PNGs of the {split} split at the originals' "
+                     f"size, {time.perf_counter() - tick:.1f} s")
+            return None
+        if datadir is not None:
+            scores = evaluate_full_resolution(model, datadir, split, export_dir=export_official,
+                                              **common)
+            metrics = {"split": split, "resolution": "full", **scores,
+                       "inference": inference_record(inference, amp, (h, w))}
+        else:
+            loader = build_loader(data, split, batch_size, train=False, mean=state["mean"],
+                                  std=state["std"], rank=dist.rank, world_size=dist.world_size,
+                                  device=dist.device, workers=workers, backend=backend)
+            metrics = evaluate_shards(model, loader, inference=inference, amp=amp,
+                                      device=dist.device, classes=state["classes"],
+                                      categories=state.get("categories"),
+                                      palette=state["palette"], losstype=state["losstype"])
+        seconds = time.perf_counter() - tick
+        metrics.update(seconds=seconds, images_per_s=metrics["images"] / max(seconds, 1e-9),
+                       checkpoint=str(checkpoint), data=None if data is None else str(data),
+                       datadir=None if datadir is None else str(datadir),
+                       export_official=None if export_official is None else str(export_official))
+        if dist.is_main:
+            write_results(out, metrics, state["classes"], state["palette"])
+            echo(format_metrics(metrics))
+            echo(f"wrote {out / 'metrics.json'}, confusion.png, iou.png")
+        return metrics
+    finally:
+        distributed.cleanup()
