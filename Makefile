@@ -41,8 +41,11 @@ demo: install
 preprocess: install
 	$(BIN)/cityprep preprocess --datadir $(DATADIR) --out $(OUT) --size $(SIZE)
 
+# One process first checks that a step fits in memory for all $(GPUS) (one clear message
+# rather than the OOM killer, or torchrun's page for a failed rank); then torchrun.
 train: install
-	$(BIN)/torchrun --standalone --nproc_per_node=$(GPUS) -m train.cli fit --data $(DATA) --out $(RUN) --epochs $(EPOCHS)
+	LOCAL_WORLD_SIZE=$(GPUS) $(BIN)/citytrain fit --data $(DATA) --out $(RUN) --epochs $(EPOCHS) $(ARGS) --preflight-only
+	$(BIN)/torchrun --standalone --nproc_per_node=$(GPUS) -m train.cli fit --data $(DATA) --out $(RUN) --epochs $(EPOCHS) $(ARGS) --no-preflight
 
 # every rank scores its share; ARGS e.g. "--datadir $(DATADIR) --mode slide --window 512x1024"
 evaluate: install

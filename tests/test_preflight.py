@@ -36,7 +36,7 @@ def test_a_step_that_does_not_fit_stops_before_training(make_dataset, tmp_path, 
     message = str(err.value)
     assert message.startswith("not enough memory: one training step at batch 4, crop 32x48, "
                               "width 8, --amp off needs about ")
-    assert "GB per process" in message and "0.1 GB are available on this host" in message
+    assert "GB per process" in message and "against 0.1 GB on this host" in message
     assert "--amp bf16" in message and "--no-preflight skips this check" in message
     assert not (tmp_path / "run" / "checkpoints" / "last.pt").exists()
 

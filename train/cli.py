@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 from pathlib import Path
 
 import click
 
-from train.config import Config, Interrupted, TrainingError
+from train.config import AgreedError, Config, Interrupted, TrainingError
 
 DEFAULTS = Config()
 BACKENDS = click.Choice(["auto", "dali", "torch"])
@@ -47,6 +48,10 @@ def friendly_errors(fn):
         except Interrupted as e:
             click.echo(str(e), err=True)
             raise SystemExit(128 + int(e.signum)) from None
+        except AgreedError as e:  # the same on every rank: say it once
+            if int(os.environ.get("RANK", 0)) == 0:
+                click.echo(f"Error: {e}", err=True)
+            raise SystemExit(1) from None
         except _errors() as e:
             raise click.ClickException(str(e)) from None
 
@@ -194,6 +199,8 @@ def main() -> None:
 @click.option("--progress/--no-progress", default=True)
 @click.option("--preflight/--no-preflight", default=DEFAULTS.preflight,
               help="Measure one step's memory first; stop with a message if it won't fit.")
+@click.option("--preflight-only", is_flag=True,
+              help="Only that check, for LOCAL_WORLD_SIZE processes on this host; then exit.")
 @inference_options("eval-", max_windows=False)
 @friendly_errors
 def fit(compile_: bool, crop: str, scale: str, data: Path, out: Path, init: Path | None,

@@ -63,6 +63,7 @@ class Config:
     init_head: str = "keep"  # keep | reset: the last layer from the checkpoint, or fresh
     progress: bool = True
     preflight: bool = True  # measure one step's memory before training, stop if it won't fit
+    preflight_only: bool = False  # only that: `make train` checks once, before torchrun
 
     def resolved_lr(self) -> float:
         return self.lr if self.lr is not None else (0.01 if self.optimizer == "sgd" else 1e-3)
@@ -83,3 +84,8 @@ class Interrupted(TrainingError):
     def __init__(self, message: str, signum: int) -> None:
         super().__init__(message)
         self.signum = signum
+
+
+class AgreedError(TrainingError):
+    """Raised on every rank with the same message (the ranks agreed on it): rank 0 alone
+    prints it."""

@@ -116,6 +116,11 @@ def _fit(cfg: Config, dist: distributed.Dist) -> dict:
         with torch.random.fork_rng(devices=[dist.device] if dist.device.type == "cuda" else []):
             memory = preflight.check_fits(cfg, dist, len(classes), train_loader.aug.crop,
                                           train_loader.workers, train_loader.backend)
+        if cfg.preflight_only:
+            tqdm.write(f"preflight: one step needs about {memory['step_gb']:.1f} GB per process, "
+                       f"{memory['total_gb']:.1f} GB in all, of {memory['budget_gb']:.1f} GB: "
+                       "it fits")
+            return memory
 
     # model, loss, optimizer
     model = UNet(output_channels(cfg.losstype, len(classes)), width=cfg.width, depth=cfg.depth,

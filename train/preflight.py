@@ -16,6 +16,7 @@ won't fit, the run stops with one message giving both figures and settings that 
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import math
 import resource
@@ -26,7 +27,7 @@ import torch
 
 from pipeline.host import available_memory
 from train import distributed
-from train.config import Config, TrainingError
+from train.config import AgreedError, Config
 from train.engine import build_optimizer, train_step
 from train.losses import build_loss, output_channels
 from train.model import UNet
@@ -63,6 +64,13 @@ def _peak_rss() -> float:
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0
 
 
+def _malloc_trim() -> None:
+    try:
+        ctypes.CDLL(None).malloc_trim(0)  # glibc; elsewhere there is nothing to trim
+    except (OSError, AttributeError):
+        pass
+
+
 def _reset_peak(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -88,6 +96,7 @@ def probe(cfg: Config, num_classes: int, crop: tuple[int, int], device: torch.de
     h, w = (max(m, crop[0] // 2 // m * m), max(m, crop[1] // 2 // m * m))
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
     peaks = []
+    _malloc_trim()
     for batch in (1, 2):
         _reset_peak(device)
         model = UNet(output_channels(cfg.losstype, num_classes), width=cfg.width,
@@ -106,6 +115,8 @@ def probe(cfg: Config, num_classes: int, crop: tuple[int, int], device: torch.de
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
+        else:  # hand freed memory back, or the next probe's peak starts from this one's
+            _malloc_trim()
     per_pixel = max(0.0, (peaks[1] - peaks[0]) / (h * w))
     # from the second step on, the optimizer's buffers stay through every peak
     buffers = {"sgd": 1 if cfg.momentum else 0, "adamw": 2}.get(cfg.optimizer, 2)
@@ -133,21 +144,27 @@ def check_fits(cfg: Config, dist: distributed.Dist, num_classes: int, crop: tupl
         free, _ = torch.cuda.mem_get_info(dist.device)
         budget, where, ranks = float(free), f"free on {dist.device}", 1
     else:
-        # the local ranks' own memory counts in their need, so it counts in the budget too
+        # what the ranks already hold counts in their need, so it counts in the budget too
+        # (with --preflight-only one process stands for all LOCAL_WORLD_SIZE of them)
         ranks = dist.local_world_size
-        budget = float(available_memory()) + ranks * (_status("VmRSS") or 0.0)
-        where = "available on this host (RAM and cgroup limit)"
+        held = torch.tensor([_status("VmRSS") or 0.0], dtype=torch.float64)
+        budget = float(available_memory()) + float(distributed.all_reduce_sum(held))
+        where = ("on this host (available memory within any cgroup limit, plus what these "
+                 "processes hold)")
     distributed.barrier()  # every rank has looked before any probe allocates
     estimate = probe(cfg, num_classes, crop, dist.device)
+    # the ranks agree on one set of figures (the largest need, the smallest budget), so they
+    # take one decision and rank 0's message is every rank's
+    agreed = torch.tensor([estimate.fixed, estimate.per_pixel, -budget], dtype=torch.float64)
+    fixed, per_pixel, budget = distributed.all_reduce_max(agreed.to(dist.device)).tolist()
+    estimate, budget = Estimate(fixed, per_pixel), -budget
     pixels = crop[0] * crop[1]
     step = estimate.need(cfg.batch_size, pixels)
     workers_bytes = 0.0 if gpu else 2 * workers * WORKER_BYTES.get(backend, GB) * ranks
     total = step * ranks + workers_bytes
-    verdict = torch.tensor([float(total <= budget)], dtype=torch.float64)
-    fits = float(distributed.all_reduce_sum(verdict.to(dist.device))) == dist.world_size
     figures = {"step_gb": step / GB, "total_gb": total / GB, "budget_gb": budget / GB,
                "per_pixel_bytes": estimate.per_pixel, "fixed_gb": estimate.fixed / GB}
-    if fits:
+    if total <= budget:
         return figures
     per_rank = (budget - workers_bytes) / ranks
     hints = []
@@ -165,11 +182,11 @@ def check_fits(cfg: Config, dist: distributed.Dist, num_classes: int, crop: tupl
     if cfg.amp == "off":
         hints.append("--amp bf16 (about half the activations)")
     who = f"{ranks} processes on this host" if ranks > 1 else "this process"
-    raise TrainingError(
+    raise AgreedError(
         f"not enough memory: one training step at batch {cfg.batch_size}, crop "
         f"{crop[0]}x{crop[1]}, width {cfg.width}, --amp {cfg.amp} needs about {step / GB:.1f} "
         f"GB per process, {total / GB:.1f} GB for {who}"
         + (" with their loader workers" if workers_bytes else "")
-        + f", and {budget / GB:.1f} GB are {where}. It would fit with "
+        + f", against {budget / GB:.1f} GB {where}. It would fit with "
         + (", or ".join(hints) if hints else "a smaller model")
         + " (measured on a small probe step; --no-preflight skips this check)")
