@@ -6,8 +6,9 @@ path of both backends runs this one function on each sample: the DALI backend in
 trainer on the batches its reader workers hand over, the torch backend in its DataLoader
 workers. Same inputs, same kernel: the two backends give identical batches.
 
-The window, output size and flip come from `pipeline.sampling.draw_augment`; a flip is a
-window whose x ends are swapped, and the output is the mirrored resize of that window.
+The window, output size and flip come from `pipeline.sampling.draw_augment` (read through
+`Window.of`); a flip is a window whose x ends are swapped, and the output is the mirrored
+resize of that window.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from pipeline.sampling import Window
 
 
 def _nearest(start: int, stop: int, size: int) -> np.ndarray:
@@ -30,9 +33,7 @@ def scale_crop_flip(image: torch.Tensor, label: torch.Tensor, p: np.ndarray | to
     Bilinear for the image (no antialiasing, as the GPU graph), nearest for the label, so a
     label is never blended; both come back mirrored when `p` says flip.
     """
-    top, bottom, h, w = int(p[0]), int(p[2]), int(p[4]), int(p[5])
-    left, right = sorted((int(p[1]), int(p[3])))
-    flip = float(p[6]) > 0.5
+    top, left, bottom, right, h, w, flip = Window.of(p)
     window = image[top:bottom, left:right]
     window = window.flip(1) if flip else window.contiguous()  # mirrored as it is copied out
     # NHWC with a real batch stride: torch's fast uint8 path (channels_last in and out, HWC

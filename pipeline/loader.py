@@ -26,7 +26,17 @@ import torch
 from pipeline.geometry import augment_batch
 from pipeline.host import usable_cpus
 from pipeline.photometric import Normalizer
-from pipeline.sampling import Augment, Plan, ShardReader, ShardSource, check_shards
+from pipeline.sampling import (
+    COLOUR,
+    OUTPUT_SIZE,
+    WINDOW_END,
+    WINDOW_START,
+    Augment,
+    Plan,
+    ShardReader,
+    ShardSource,
+    check_shards,
+)
 from pipeline.shards import ShardError, load_manifest
 
 # -- the GPU graph: `params` is the per-sample vector of `draw_augment`; slicing it feeds the
@@ -39,7 +49,8 @@ def scale_crop_flip(image, label, params):
     """
     from nvidia.dali import fn, types
 
-    roi = dict(roi_start=params[0:2], roi_end=params[2:4], roi_relative=False, size=params[4:6])
+    roi = dict(roi_start=params[WINDOW_START], roi_end=params[WINDOW_END], roi_relative=False,
+               size=params[OUTPUT_SIZE])
     image = fn.resize(image, **roi, interp_type=types.INTERP_LINEAR, antialias=False)
     label = fn.resize(label, **roi, interp_type=types.INTERP_NN)
     return image, label
@@ -65,15 +76,17 @@ def segmentation_graph(source, *, aug: Augment | None, gpu: bool, parallel: bool
 
     extra = dict(parallel=True, prefetch_queue_depth=2) if parallel else {}
     n = 3 if aug is None else 4  # image, label, index (, params)
-    image, label, index, *params = fn.external_source(
-        source, num_outputs=n, batch=False, layout=["HWC", "HWC"] + [None] * (n - 2), **extra)
+    outputs = fn.external_source(source, num_outputs=n, batch=False,
+                                 layout=["HWC", "HWC"] + [None] * (n - 2), **extra)
+    image, label, index = outputs[:3]
     if aug is None:
         return (image.gpu(), label.gpu(), index) if gpu else (image, label, index)
+    params = outputs[3]
     if not gpu:
-        return image, label, index, params[0]
-    image, label = scale_crop_flip(image.gpu(), label.gpu(), params[0])
+        return image, label, index, params
+    image, label = scale_crop_flip(image.gpu(), label.gpu(), params)
     image, label = pad(image, label, aug.crop)
-    return image, label, index, params[0]  # colour jitter and normalization: in torch
+    return image, label, index, params  # colour jitter and normalization: in torch
 
 
 # -- the loader object -------------------------------------------------------------------------
@@ -147,7 +160,7 @@ class Loader:
             return
         jitter = self.aug is not None and self.aug.jitter > 0
         for image, label, index, params in self._batches(epoch, start):
-            image = self._normalize(image, params[:, 7:] if jitter else None)
+            image = self._normalize(image, params[:, COLOUR] if jitter else None)
             if self.channels_last:
                 image = image.contiguous(memory_format=torch.channels_last)
             label = label.reshape(label.shape[:3]).to(self.device, non_blocking=True).long()

@@ -1,6 +1,6 @@
 """Colour jitter and normalization, in torch on the loader's device, as one matrix per sample.
 
-Brightness, contrast, saturation and hue (the last four of `draw_augment`'s values) fold
+Brightness, contrast, saturation and hue (`draw_augment`'s COLOUR fields) fold
 into a 3x3 matrix and an offset per sample, and the normalization folds into the same
 matrix, so a batch costs one float copy, one batched matrix product and a clamp. DALI's
 CPU `color_twist` costs 13 ms per 512x1024 image where this costs about 3; on a GPU both are

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import h5py
 import numpy as np
@@ -17,7 +18,13 @@ import numpy as np
 from pipeline.host import worker_setup
 from pipeline.shards import ShardError, shard_info, split_shards
 
-NUM_PARAMS = 11  # roi y0 x0 y1 x1, output h w, flip, brightness contrast saturation, hue (turns)
+# draw_augment's vector, field by field: the one place its layout is written down. Every
+# reader names the field it reads (the DALI graph, pipeline.geometry, the colour matrix).
+WINDOW_START = slice(0, 2)  # (y0, x0): the source window's first row and column
+WINDOW_END = slice(2, 4)  # (y1, x1): one past its last; x1 < x0 when it is read mirrored
+OUTPUT_SIZE = slice(4, 6)  # (h, w) the window is resized to, at most the crop
+COLOUR = slice(6, 10)  # brightness, contrast, saturation, hue (in turns)
+NUM_PARAMS = 10
 
 
 @dataclass(frozen=True)
@@ -67,22 +74,43 @@ def draw_augment(seed: int, epoch: int, index: int, size: tuple[int, int],
     knob off leaves the others' values unchanged. `size` and `aug.crop` are (H, W). The window
     is cut from the source and resized to at most the crop, so work scales with the output;
     where the scaled image is smaller than the crop, the output is smaller and gets padded.
-    A flip swaps the window's x ends: resizing a mirrored window mirrors the output.
+    A flip swaps the window's x ends: resizing a mirrored window mirrors the output. The
+    fields are named above (WINDOW_START ... COLOUR); `Window.of` reads the geometry.
     """
     s, uy, ux, coin, *colour = np.random.default_rng((seed, epoch, index, 1)).random(8)
     s = aug.scale[0] + s * (aug.scale[1] - aug.scale[0])
     p = np.zeros(NUM_PARAMS, np.float32)
+    start, end, out = p[WINDOW_START], p[WINDOW_END], p[OUTPUT_SIZE]  # views: written below
     for axis, u in enumerate((uy, ux)):
-        out = min(aug.crop[axis], max(1, round(size[axis] * s)))
-        win = min(size[axis], max(1, round(out / s)))
-        start = int(u * (size[axis] - win + 1))
-        p[axis], p[axis + 2], p[axis + 4] = start, start + win, out
+        n = min(aug.crop[axis], max(1, round(size[axis] * s)))
+        win = min(size[axis], max(1, round(n / s)))
+        first = int(u * (size[axis] - win + 1))
+        start[axis], end[axis], out[axis] = first, first + win, n
     if aug.flip and coin < 0.5:
-        p[[1, 3]], p[6] = p[[3, 1]], 1
+        start[1], end[1] = end[1], start[1]
     j = aug.jitter
-    p[7:10] = 1 - j + 2 * j * np.array(colour[:3])
-    p[10] = (colour[3] - 0.5) * j / 2  # +-j/4 of a turn: +-18 degrees at the default 0.2
+    brightness_contrast_saturation = 1 - j + 2 * j * np.array(colour[:3])
+    hue = (colour[3] - 0.5) * j / 2  # +-j/4 of a turn: +-18 degrees at the default 0.2
+    p[COLOUR] = [*brightness_contrast_saturation, hue]
     return p
+
+
+class Window(NamedTuple):
+    """`draw_augment`'s geometry, as the CPU kernels read it (pipeline/geometry.py)."""
+
+    top: int
+    left: int
+    bottom: int
+    right: int
+    height: int  # of the output
+    width: int
+    flip: bool
+
+    @classmethod
+    def of(cls, p) -> Window:
+        (y0, x0), (y1, x1), (h, w) = (p[WINDOW_START], p[WINDOW_END], p[OUTPUT_SIZE])
+        return cls(int(y0), int(min(x0, x1)), int(y1), int(max(x0, x1)), int(h), int(w),
+                   bool(x0 > x1))
 
 
 def _read_sample(ds: h5py.Dataset, i: int) -> np.ndarray:
