@@ -33,6 +33,7 @@ from pipeline.sampling import (
     WINDOW_START,
     Augment,
     Plan,
+    Position,
     ShardReader,
     ShardSource,
     check_shards,
@@ -94,10 +95,11 @@ def segmentation_graph(source, *, aug: Augment | None, gpu: bool, parallel: bool
 class Loader:
     """One pass is one epoch (or what is left of it); the position survives breaks and resumes.
 
-    Backends implement `_batches(epoch, start)`: this rank's raw batches of `epoch` from batch
-    `start`, as (image uint8 NxHxWx3, label uint8 NxHxW[x1], index N, params NxP or None). A
-    pass that is abandoned leaves the position where it stopped, so `state_dict()` taken then
-    resumes exactly there; evaluation passes always start afresh.
+    Backends implement `_batches(start)`: this rank's raw batches from `start` (a `Position`)
+    to the end of its epoch, as (image uint8 NxHxWx3, label uint8 NxHxW[x1], index N, params
+    NxP or None). `position` moves on as each batch is handed out; a pass that is abandoned
+    leaves it where it stopped, so `state_dict()` taken then resumes exactly there. Evaluation
+    passes always start afresh.
     """
 
     def __init__(self, data_dir: Path, manifest: dict, split: str, plan: Plan,
@@ -115,7 +117,7 @@ class Loader:
         self.ignore_index = int(manifest.get("ignore_index", 255))
         self.num_samples, self.batch_size, self.train = (
             plan.num_samples, plan.batch_size, plan.train)
-        self.epoch, self._batch, self._resume = 0, 0, False
+        self.position, self._resume = Position(), False
         self._normalize = Normalizer(self.mean, self.std, dtype)
 
     def __len__(self) -> int:
@@ -125,8 +127,13 @@ class Loader:
     def global_batch(self) -> int:
         return self.batch_size * self.plan.world_size
 
+    @property
+    def epoch(self) -> int:
+        return self.position.epoch
+
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "batch": self._batch, "global_batch": self.global_batch}
+        return {"epoch": self.position.epoch, "batch": self.position.batch,
+                "global_batch": self.global_batch}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue where `state` stopped, also with another number of processes.
@@ -146,30 +153,29 @@ class Loader:
                     f"{self.global_batch} ({self.batch_size} per process x "
                     f"{self.plan.world_size}) does not divide {read}")
             batch = read // self.global_batch
-        if len(self) and batch >= len(self):
-            epoch, batch = epoch + batch // len(self), batch % len(self)
-        self.epoch, self._batch, self._resume = epoch, batch, True
+        self.position, self._resume = Position(epoch, batch), True
+        if len(self):
+            self.position = Position.at(self.position.stream(len(self)), len(self))
 
     def __iter__(self):
         if not self.train and not self._resume:
-            self._batch = 0
+            self.position = Position(self.position.epoch, 0)
         self._resume = False
-        epoch, start = self.epoch, self._batch
-        if start >= len(self):  # nothing to read: an empty share of the split
-            self.epoch, self._batch = epoch + 1, 0
+        start = self.position
+        if start.batch >= len(self):  # nothing to read: an empty share of the split
+            self.position = Position(start.epoch + 1, 0)
             return
         jitter = self.aug is not None and self.aug.jitter > 0
-        for image, label, index, params in self._batches(epoch, start):
+        for image, label, index, params in self._batches(start):
             image = self._normalize(image, params[:, COLOUR] if jitter else None)
             if self.channels_last:
                 image = image.contiguous(memory_format=torch.channels_last)
             label = label.reshape(label.shape[:3]).to(self.device, non_blocking=True).long()
             # the position moves on as a batch is handed out: after the last, the next epoch
-            done = self._batch + 1
-            self.epoch, self._batch = (epoch + 1, 0) if done == len(self) else (epoch, done)
+            self.position = self.position.next(len(self))
             yield {"image": image, "label": label, "index": index.reshape(-1)}  # on the CPU
 
-    def _batches(self, epoch: int, start: int):
+    def _batches(self, start: Position):
         raise NotImplementedError
 
     def close(self) -> None:
@@ -235,9 +241,10 @@ class DaliLoader(Loader):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self._iter, self._pipe, self._stream = None, None, -1
+        self._iter, self._pipe = None, None
+        self._next: Position | None = None  # what the running pipeline delivers next
 
-    def _build(self, start: int) -> None:
+    def _build(self, start: Position) -> None:
         from nvidia.dali import pipeline_def
         from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
@@ -247,7 +254,7 @@ class DaliLoader(Loader):
             print(f"warning: {problem}", file=sys.stderr)
             _noticed.append(problem)
         source = ShardSource(ShardReader(self.files, self.counts), self.plan, self.aug,
-                             self.size, start)
+                             self.size, start.stream(len(self)))
         self._pipe = pipeline_def(segmentation_graph)(
             source, aug=self.aug, gpu=gpu, parallel=self.workers > 0,
             batch_size=self.batch_size, num_threads=max(1, self.workers),
@@ -261,21 +268,21 @@ class DaliLoader(Loader):
         except Exception as e:
             self.close()
             raise worker_error(e) from None
-        self._stream = start
+        self._next = start
 
-    def _batches(self, epoch: int, start: int):
+    def _batches(self, start: Position):
         per_epoch = len(self)
         if per_epoch == 0:
             return
-        if self._iter is None or self._stream != epoch * per_epoch + start:
-            self._build(epoch * per_epoch + start)  # a jump: skipped samples are never read
-        left = len(self.plan.order(epoch)) - start * self.batch_size
-        for _ in range(start, per_epoch):
+        if self._iter is None or self._next != start:
+            self._build(start)  # a jump: skipped samples are never read
+        left = len(self.plan.order(start.epoch)) - start.batch * self.batch_size
+        for _ in range(start.batch, per_epoch):
             try:
                 out = next(self._iter)[0]
             except Exception as e:
                 raise worker_error(e) from None
-            self._stream += 1
+            self._next = self._next.next(per_epoch)
             n, left = min(self.batch_size, left), left - self.batch_size
             image, label, params = out["image"][:n], out["label"][:n], None
             if self.aug:
@@ -286,7 +293,7 @@ class DaliLoader(Loader):
 
     def close(self) -> None:
         pool = getattr(self._pipe, "_py_pool", None)
-        self._iter, self._pipe, self._stream = None, None, -1
+        self._iter, self._pipe, self._next = None, None, None
         if pool is not None:
             pool.close()
 

@@ -66,6 +66,30 @@ class Plan:
         return np.random.default_rng((self.seed, epoch)).permutation(n)[r:used:w]
 
 
+@dataclass(frozen=True)
+class Position:
+    """Where a loader stands: batch `batch` of epoch `epoch` is the next it hands out.
+
+    A loader's batches are one endless stream: batch g of the stream is batch g % B of epoch
+    g // B, B being this rank's batches per epoch. `stream` and `at` convert between the two;
+    nothing else does that arithmetic.
+    """
+
+    epoch: int = 0
+    batch: int = 0
+
+    def stream(self, per_epoch: int) -> int:
+        return self.epoch * per_epoch + self.batch
+
+    @classmethod
+    def at(cls, stream: int, per_epoch: int) -> Position:
+        epoch, batch = divmod(stream, per_epoch)
+        return cls(epoch, batch)
+
+    def next(self, per_epoch: int) -> Position:
+        return Position.at(self.stream(per_epoch) + 1, per_epoch)
+
+
 def draw_augment(seed: int, epoch: int, index: int, size: tuple[int, int],
                  aug: Augment) -> np.ndarray:
     """The random values of one sample: source window, output size, flip, colour jitter.
@@ -152,9 +176,9 @@ class ShardReader:
 class ShardSource:
     """The per-sample callable of DALI's parallel external_source: stateless and picklable.
 
-    The pipeline is one endless stream of batches: batch g of the stream (counted from `start`)
-    is batch g % B of epoch g // B, B = batches per epoch on this rank. Positions past the end
-    of a short last evaluation batch get a blank sample with index -1, cut off afterwards.
+    The pipeline is the loader's stream of batches (`Position`) from stream batch `start` on.
+    Positions past the end of a short last evaluation batch get a blank sample with index -1,
+    cut off afterwards.
     """
 
     def __init__(self, reader: ShardReader, plan: Plan, aug: Augment | None,
@@ -167,10 +191,11 @@ class ShardSource:
         worker_setup()
 
     def __call__(self, info) -> tuple[np.ndarray, ...]:
-        epoch, b = divmod(self.start + info.iteration, self.plan.batches)
+        at = Position.at(self.start + info.iteration, self.plan.batches)
+        epoch = at.epoch
         if epoch not in self._orders:
             self._orders = {epoch: self.plan.order(epoch)}
-        order, pos = self._orders[epoch], b * self.plan.batch_size + info.idx_in_batch
+        order, pos = self._orders[epoch], at.batch * self.plan.batch_size + info.idx_in_batch
         if pos >= len(order):  # only in evaluation, which has no params output
             blank = np.zeros((*self.size, 3), np.uint8)
             return blank, blank[..., :1].copy(), np.full(1, -1, np.int64)

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from pipeline.geometry import pad, scale_crop_flip
 from pipeline.host import worker_setup
 from pipeline.loader import Loader, worker_error
-from pipeline.sampling import Augment, Plan, ShardReader, draw_augment
+from pipeline.sampling import Augment, Plan, Position, ShardReader, draw_augment
 from pipeline.shards import ShardError
 
 
@@ -37,18 +37,18 @@ class ShardDataset(Dataset):
 
 
 class PassSampler(Sampler):
-    """This rank's batches of one pass; the loader sets `epoch` and `start` before each pass."""
+    """This rank's batches of one pass; the loader sets `start` (a Position) before each."""
 
     def __init__(self, plan: Plan) -> None:
-        self.plan, self.epoch, self.start = plan, 0, 0
+        self.plan, self.start = plan, Position()
 
     def __len__(self) -> int:
-        return self.plan.batches - self.start
+        return self.plan.batches - self.start.batch
 
     def __iter__(self):
-        order, bs = self.plan.order(self.epoch), self.plan.batch_size
-        for b in range(self.start, self.plan.batches):
-            yield [(self.epoch, int(i)) for i in order[b * bs:(b + 1) * bs]]
+        epoch, order, bs = self.start.epoch, self.plan.order(self.start.epoch), self.plan.batch_size
+        for b in range(self.start.batch, self.plan.batches):
+            yield [(epoch, int(i)) for i in order[b * bs:(b + 1) * bs]]
 
 
 class TorchLoader(Loader):
@@ -68,12 +68,12 @@ class TorchLoader(Loader):
         return DataLoader(dataset, batch_sampler=self._sampler, num_workers=self.workers,
                           pin_memory=self.device.type == "cuda", **extra)
 
-    def _batches(self, epoch: int, start: int):
+    def _batches(self, start: Position):
         if len(self) == 0:
             return
         if self._loader is None:
             self._loader = self._make()
-        self._sampler.epoch, self._sampler.start = epoch, start
+        self._sampler.start = start
         batches = iter(self._loader)
         while True:
             try:

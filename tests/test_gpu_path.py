@@ -12,6 +12,7 @@ import torch
 from test_train import blocks, tiny
 
 from pipeline.loader import build_loader
+from pipeline.sampling import Position
 from train import distributed, engine
 from train import fit as fit_module
 from train.checkpoint import load_checkpoint, save_checkpoint
@@ -125,11 +126,10 @@ class FakeLoader:
     def __init__(self, batches: list[dict], delay: float) -> None:
         self.batches, self.delay = batches, delay
 
+    position = Position()
+
     def __len__(self) -> int:
         return len(self.batches)
-
-    def state_dict(self) -> dict:
-        return {"batch": 0}
 
     def __iter__(self):
         for batch in self.batches:

@@ -205,7 +205,7 @@ def train_one_epoch(model: nn.Module, loader, criterion: nn.Module,
     """
     model.train()
     lr0 = cfg.resolved_lr()
-    done = loader.state_dict()["batch"]  # batches of this epoch already trained on
+    done = loader.position.batch  # batches of this epoch already trained on
     bar = tqdm(total=len(loader), initial=done, disable=not (cfg.progress and dist.is_main),
                desc=f"epoch {run['epoch'] + 1}/{cfg.epochs}", dynamic_ncols=True, leave=False)
     log = StepLog(dist.device, run["elapsed"])
