@@ -16,7 +16,7 @@ from pipeline.sampling import Position
 from train import distributed, engine
 from train import fit as fit_module
 from train.checkpoint import load_checkpoint, save_checkpoint
-from train.engine import EpochState, Stopper, TrainingError, train_one_epoch
+from train.engine import EpochEnd, RunState, Stopper, TrainingError, train_one_epoch
 from train.fit import fit
 from train.losses import build_loss
 from train.model import UNet
@@ -157,21 +157,21 @@ def test_data_wait_share_is_the_time_blocked_on_the_loader(monkeypatch, delay, d
 
     monkeypatch.setattr(distributed, "all_reduce_sum", device_catching_up)
     cfg = tiny("unused", "unused", log_every=4, epochs=1)
-    state = EpochState()
-    run = {"epoch": 0, "step": 0, "elapsed": 0.0, "stop": False, "total_steps": 8}
+    state = RunState(total_steps=8)
     dist = distributed.Dist(0, 1, 0, torch.device("cpu"))
     criterion = build_loss("segment", palette=[[0, 0, 0]] * 19)
     optimizer = engine.build_optimizer(model, cfg)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     engine.train_step(model, batches[0], criterion, optimizer, scaler, amp="off")  # warm up
     assert train_one_epoch(model, FakeLoader(batches, delay), criterion, optimizer, scaler,
-                           cfg=cfg, dist=dist, run=run, stopper=Stopper(),
-                           epoch_state=state) is None
-    assert state.batches == 8 and run["step"] == 8
-    share = state.wait / state.seconds
+                           cfg=cfg, dist=dist, state=state,
+                           stopper=Stopper()) is EpochEnd.DONE
+    sums = state.epoch_sums
+    assert sums.batches == 8 and state.step == 8
+    share = sums.wait / sums.seconds
     assert low <= share <= high, share
     # the clock every rank agrees on lags by the last sync, which the next window counts
-    assert 0 < run["elapsed"] <= state.seconds
+    assert 0 < state.elapsed <= sums.seconds
 
 
 @pytest.mark.parametrize("log_every", [1, 3, 20])

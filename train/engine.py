@@ -17,7 +17,8 @@ import signal
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from enum import Enum
 
 import torch
 from torch import nn
@@ -146,9 +147,67 @@ class EpochState:
     seconds: float = 0.0
     wait: float = 0.0
 
+    def summary(self) -> dict:
+        """The epoch's row of metrics.csv so far: mean loss, images/s, data-wait share."""
+        seconds = max(self.seconds, 1e-9)
+        return {"train_loss": self.loss_sum / max(1, self.batches),
+                "images_per_s": self.images / seconds, "data_wait_fraction": self.wait / seconds}
 
-def time_up(cfg: Config, run: dict) -> bool:
-    return cfg.time_limit is not None and run["elapsed"] >= cfg.time_limit
+
+@dataclass
+class RunState:
+    """What a run carries across epochs and into its checkpoints, besides the weights.
+
+    Every rank holds the same values: they change only through what all ranks agreed on at a
+    sync (`StepLog.sync`) or measured together (evaluation time).
+    """
+
+    epoch: int = 0  # epochs finished
+    step: int = 0  # optimizer steps taken
+    elapsed: float = 0.0  # seconds of training and evaluation, for --time-limit
+    total_steps: int = 0  # of the LR schedule
+    best_miou: float = -1.0
+    stop: bool = False  # some rank got SIGTERM/SIGINT
+    epoch_sums: EpochState = field(default_factory=EpochState)
+
+    def time_up(self, cfg: Config) -> bool:
+        return cfg.time_limit is not None and self.elapsed >= cfg.time_limit
+
+
+class EpochEnd(Enum):
+    """Why `train_one_epoch` returned."""
+
+    DONE = "done"  # every batch of the epoch trained on
+    SIGNAL = "signal"  # a rank got SIGTERM/SIGINT: save and stop
+    TIME = "time"  # --time-limit reached inside the epoch
+
+
+class TrainLog:
+    """The progress bar and TensorBoard's per-step scalars, fed at each sync (rank 0 alone
+    shows and writes), so that the epoch loop itself only trains."""
+
+    def __init__(self, cfg: Config, dist: distributed.Dist, state: RunState, done: int,
+                 total: int, writer=None) -> None:
+        self.writer = writer
+        self.bar = tqdm(total=total, initial=done, disable=not (cfg.progress and dist.is_main),
+                        desc=f"epoch {state.epoch + 1}/{cfg.epochs}", dynamic_ncols=True,
+                        leave=False)
+
+    def steps(self, first: int, losses: list[float], lrs: list[float], images: int,
+              seconds: float, sums: EpochState) -> None:
+        """Steps first+1 ... first+len(losses) are done, in `seconds` for `images`."""
+        if self.writer is not None:
+            for i, (value, lr) in enumerate(zip(losses, lrs)):
+                self.writer.add_scalar("train/loss", value, first + i + 1)
+                self.writer.add_scalar("train/lr", lr, first + i + 1)
+        self.bar.update(len(losses))
+        if losses:
+            self.bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{lrs[-1]:.2e}",
+                                 img_s=f"{images / max(seconds, 1e-9):.1f}",
+                                 wait=f"{sums.summary()['data_wait_fraction']:.0%}")
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 class StepLog:
@@ -195,80 +254,72 @@ class StepLog:
 
 def train_one_epoch(model: nn.Module, loader, criterion: nn.Module,
                     optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, *,
-                    cfg: Config, dist: distributed.Dist, run: dict, stopper: Stopper,
-                    epoch_state: EpochState, writer=None) -> str | None:
-    """One pass over `loader` (or what is left of it). Returns why it stopped early, if it did.
+                    cfg: Config, dist: distributed.Dist, state: RunState, stopper: Stopper,
+                    writer=None) -> EpochEnd:
+    """One pass over `loader` (or what is left of it); `state` moves on with every sync.
 
-    `run` carries step, total_steps and elapsed seconds across epochs. Decisions (stop on a
-    signal, stop when time is up) are taken only right after a sync, from values every rank
-    shares; one process alone syncs as soon as it has a reason to stop.
+    Decisions (stop on a signal, stop when time is up) are taken only right after a sync, from
+    values every rank shares; one process alone syncs as soon as it has a reason to stop.
     """
     model.train()
     lr0 = cfg.resolved_lr()
     done = loader.position.batch  # batches of this epoch already trained on
-    bar = tqdm(total=len(loader), initial=done, disable=not (cfg.progress and dist.is_main),
-               desc=f"epoch {run['epoch'] + 1}/{cfg.epochs}", dynamic_ncols=True, leave=False)
-    log = StepLog(dist.device, run["elapsed"])
+    log = TrainLog(cfg, dist, state, done, len(loader), writer)
+    window = StepLog(dist.device, state.elapsed)
     solo = dist.world_size == 1
 
     def sync() -> None:
-        images, lrs, wait = log.images, log.lrs, log.wait
-        losses, stop, elapsed, seconds = log.sync(stopper.signum is not None, dist.world_size)
-        first = run["step"] - len(losses)  # step number (0-based) of losses[0]
+        images, lrs, wait = window.images, window.lrs, window.wait
+        losses, stop, elapsed, seconds = window.sync(stopper.signum is not None,
+                                                     dist.world_size)
+        first = state.step - len(losses)  # steps before losses[0]
         for i, value in enumerate(losses):
             if not math.isfinite(value):
                 raise TrainingError(
-                    f"non-finite loss ({value}) at epoch {run['epoch'] + 1}, step "
+                    f"non-finite loss ({value}) at epoch {state.epoch + 1}, step "
                     f"{first + i + 1} (losses are read every --log-every {cfg.log_every} "
                     "steps); stopped without saving, the last checkpoint is the last good "
                     "one. Lower --lr, try --clip-grad, or --amp bf16 instead of fp16")
-        run.update(elapsed=elapsed, stop=stop)
-        epoch_state.loss_sum += sum(losses)
-        epoch_state.batches += len(losses)
-        epoch_state.images += images
-        epoch_state.seconds += seconds
-        epoch_state.wait += wait
-        if writer is not None:
-            for i, (value, lr) in enumerate(zip(losses, lrs)):
-                writer.add_scalar("train/loss", value, first + i + 1)
-                writer.add_scalar("train/lr", lr, first + i + 1)
-        bar.update(len(losses))
-        if losses:
-            bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{lrs[-1]:.2e}",
-                            img_s=f"{images / max(seconds, 1e-9):.1f}",
-                            wait=f"{epoch_state.wait / max(epoch_state.seconds, 1e-9):.0%}")
+        state.elapsed, state.stop = elapsed, stop
+        sums = state.epoch_sums
+        sums.loss_sum += sum(losses)
+        sums.batches += len(losses)
+        sums.images += images
+        sums.seconds += seconds
+        sums.wait += wait
+        log.steps(first, losses, lrs, images, seconds, sums)
 
     it = iter(loader)
     try:
         while True:
             # Stop only while batches remain: a finished epoch ends (and is saved) as such,
             # so a checkpoint's loader position and epoch count always agree.
-            if done < len(loader) and not len(log):
-                if run["stop"]:
-                    return "signal"
-                if time_up(cfg, run):
-                    return "time"
+            if done < len(loader) and not len(window):
+                if state.stop:
+                    return EpochEnd.SIGNAL
+                if state.time_up(cfg):
+                    return EpochEnd.TIME
             tick = time.perf_counter()
             try:
                 batch = next(it)
             except StopIteration:
-                return None
+                return EpochEnd.DONE
             waited = time.perf_counter() - tick
-            time_fraction = run["elapsed"] / cfg.time_limit if cfg.time_limit else 0.0
-            lr = lr0 * lr_factor(run["step"], run["total_steps"], cfg.warmup, time_fraction)
+            time_fraction = state.elapsed / cfg.time_limit if cfg.time_limit else 0.0
+            lr = lr0 * lr_factor(state.step, state.total_steps, cfg.warmup, time_fraction)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             loss = train_step(model, batch, criterion, optimizer, scaler, amp=cfg.amp,
                               clip_grad=cfg.clip_grad)
             done += 1
-            run["step"] += 1
-            log.add(loss, lr, batch["label"].shape[0] * dist.world_size, waited)
+            state.step += 1
+            window.add(loss, lr, batch["label"].shape[0] * dist.world_size, waited)
             reason_to_stop = solo and (stopper.signum is not None or (
-                cfg.time_limit is not None and log.local_elapsed() >= cfg.time_limit))
-            if len(log) >= cfg.log_every or done == len(loader) or reason_to_stop:
+                cfg.time_limit is not None and window.local_elapsed() >= cfg.time_limit))
+            if len(window) >= cfg.log_every or done == len(loader) or reason_to_stop:
                 sync()
     finally:
-        bar.close()
+        log.close()
 
 
 @torch.inference_mode()

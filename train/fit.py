@@ -12,7 +12,7 @@ from __future__ import annotations
 import random
 import signal
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -36,14 +36,15 @@ from train.checkpoint import (
 from train.engine import (
     AMP_DTYPES,
     Config,
+    EpochEnd,
     EpochState,
     Interrupted,
+    RunState,
     Stopper,
     TrainingError,
     build_optimizer,
     cuda_speed_settings,
     evaluate,
-    time_up,
     train_one_epoch,
 )
 from train.losses import build_loss, class_weights_from_pixels, output_channels
@@ -139,22 +140,20 @@ def _fit(cfg: Config, dist: distributed.Dist) -> dict:
                            class_weights=weights).to(dist.device)
     optimizer = build_optimizer(model, cfg)
     scaler = torch.amp.GradScaler(dist.device.type, enabled=cfg.amp == "fp16")
-    run = {"epoch": 0, "step": 0, "elapsed": 0.0, "stop": False,
-           "total_steps": cfg.epochs * len(train_loader)}
-    epoch_state, best = EpochState(), -1.0
+    state = RunState(total_steps=cfg.epochs * len(train_loader))
     if cfg.resume:
-        state = load_checkpoint(last_path)
-        check_arch(state, arch, last_path)
-        check_classes(state, classes, last_path, cfg.data)
-        load_model_weights(model, state, last_path)
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"], dist.device)
-        run.update(epoch=state["epoch"], step=state["step"], elapsed=state["elapsed"])
-        _resume_loader(train_loader, state["loader"], run, last_path)
-        epoch_state, best = EpochState(**state["epoch_state"]), state["best_miou"]
+        saved = load_checkpoint(last_path)
+        check_arch(saved, arch, last_path)
+        check_classes(saved, classes, last_path, cfg.data)
+        load_model_weights(model, saved, last_path)
+        optimizer.load_state_dict(saved["optimizer"])
+        scaler.load_state_dict(saved["scaler"])
+        set_rng_state(saved["rng"], dist.device)
+        state.epoch, state.step, state.elapsed = saved["epoch"], saved["step"], saved["elapsed"]
+        state.best_miou, state.epoch_sums = saved["best_miou"], EpochState(**saved["epoch_state"])
+        _resume_loader(train_loader, saved["loader"], state, last_path)
         if dist.is_main:
-            tqdm.write(f"resuming {last_path}: epoch {run['epoch']}, step {run['step']}")
+            tqdm.write(f"resuming {last_path}: epoch {state.epoch}, step {state.step}")
 
     train_model = model
     if dist.distributed:
@@ -164,58 +163,44 @@ def _fit(cfg: Config, dist: distributed.Dist) -> dict:
     if cfg.compile:  # DDP first, then compile: the order torch.compile's DDP support expects
         train_model, eval_model = torch.compile(train_model), torch.compile(model)
 
-    rundir = RunDir(out, enabled=dist.is_main, resume_epoch=run["epoch"] if cfg.resume else None,
-                    resume_step=run["step"] if cfg.resume else None, palette=palette)
+    rundir = RunDir(out, enabled=dist.is_main, resume_epoch=state.epoch if cfg.resume else None,
+                    resume_step=state.step if cfg.resume else None, palette=palette)
     rundir.write_config({
         "config": asdict(cfg), "world_size": dist.world_size, "device": str(dist.device),
         "cuda_settings": speed, "preflight": memory,
         "model": arch, "classes": classes, "mean": mean, "std": std,
         "data": {"manifest_config": manifest["config"],
                  "samples": {s: v["samples"] for s, v in manifest["splits"].items()}},
-        "steps_per_epoch": len(train_loader), "resumed_from_step": run["step"] or None,
+        "steps_per_epoch": len(train_loader), "resumed_from_step": state.step or None,
         "init": init,
     })
-
-    def checkpoint(row: dict | None) -> dict:
-        return {
-            "model": model.state_dict(), "arch": arch, "classes": classes,
-            "categories": categories, "palette": palette.tolist(), "mean": mean, "std": std,
-            "losstype": cfg.losstype, "ignore_index": int(train_loader.ignore_index),
-            "size": list(manifest["config"]["size"]),
-            "mapping": manifest["config"].get("mapping_def"),
-            "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-            "scheduler": {"name": "poly", "power": 0.9, "warmup": cfg.warmup,
-                          "total_steps": run["total_steps"], "base_lr": cfg.resolved_lr(),
-                          "time_limit": cfg.time_limit},
-            "epoch": run["epoch"], "step": run["step"], "elapsed": run["elapsed"],
-            "loader": dict(train_loader.state_dict()), "epoch_state": asdict(epoch_state),
-            "rng": rng_state(dist.device), "best_miou": best, "metrics": row,
-            "config": asdict(cfg), "world_size": dist.world_size,
-        }
+    # what a checkpoint says of the model and data: the same all run long
+    about = {"arch": arch, "classes": classes, "categories": categories,
+             "palette": palette.tolist(), "mean": mean, "std": std, "losstype": cfg.losstype,
+             "ignore_index": int(train_loader.ignore_index),
+             "size": list(manifest["config"]["size"]),
+             "mapping": manifest["config"].get("mapping_def")}
+    parts = Parts(model, optimizer, scaler, train_loader, about)
 
     row: dict = {}
     loaders = [x for x in (train_loader, val_loader) if x is not None]
     scores = None
     try:
         with Stopper().installed() as stopper:
-            for epoch in range(run["epoch"], cfg.epochs):
-                run["epoch"] = epoch
-                why = train_one_epoch(train_model, train_loader, criterion, optimizer, scaler,
-                                      cfg=cfg, dist=dist, run=run, stopper=stopper,
-                                      epoch_state=epoch_state, writer=rundir.writer)
-                if why == "signal":
+            for epoch in range(state.epoch, cfg.epochs):
+                end = train_one_epoch(train_model, train_loader, criterion, optimizer, scaler,
+                                      cfg=cfg, dist=dist, state=state, stopper=stopper,
+                                      writer=rundir.writer)
+                if end is EpochEnd.SIGNAL:
                     if dist.is_main:
-                        save_checkpoint(last_path, checkpoint(None))
+                        save_checkpoint(last_path, parts.checkpoint(state, cfg, dist, None))
                     name = signal.Signals(stopper.signum).name if stopper.signum else "signal"
                     raise Interrupted(f"stopped by {name} at epoch {epoch + 1}, step "
-                                      f"{run['step']}; saved {last_path}; continue with "
+                                      f"{state.step}; saved {last_path}; continue with "
                                       "--resume", stopper.signum or signal.SIGTERM)
-                final = why == "time" or epoch + 1 == cfg.epochs or time_up(cfg, run)
-                row = {"epoch": epoch + 1, "step": run["step"],
-                       "lr": optimizer.param_groups[0]["lr"],
-                       "train_loss": epoch_state.loss_sum / max(1, epoch_state.batches),
-                       "images_per_s": epoch_state.images / max(epoch_state.seconds, 1e-9),
-                       "data_wait_fraction": epoch_state.wait / max(epoch_state.seconds, 1e-9)}
+                final = end is EpochEnd.TIME or epoch + 1 == cfg.epochs or state.time_up(cfg)
+                row = {"epoch": epoch + 1, "step": state.step,
+                       "lr": optimizer.param_groups[0]["lr"], **state.epoch_sums.summary()}
                 scores = None
                 if val_loader is not None and (final or (epoch + 1) % cfg.eval_every == 0):
                     tick = time.perf_counter()
@@ -228,23 +213,24 @@ def _fit(cfg: Config, dist: distributed.Dist) -> dict:
                     # evaluation counts against --time-limit too, the same on every rank
                     spent = torch.tensor([time.perf_counter() - tick], dtype=torch.float64,
                                          device=dist.device)
-                    run["elapsed"] += float(distributed.all_reduce_sum(spent)) / dist.world_size
+                    state.elapsed += float(distributed.all_reduce_sum(spent)) / dist.world_size
                     row.update(val_loss=val_loss, val_miou=scores["miou"],
                                pixel_acc=scores["pixel_acc"])
                     rundir.save_grid(epoch + 1, kept, mean=mean, std=std, palette=palette)
                 miou = row.get("val_miou")
-                is_best = miou is not None and miou > best
-                best = max(best, miou) if miou is not None else best
-                if why != "time":  # a cut-short epoch does not count as done
-                    run["epoch"], epoch_state = epoch + 1, EpochState()
+                is_best = miou is not None and miou > state.best_miou
+                state.best_miou = max(state.best_miou, miou) if miou is not None \
+                    else state.best_miou
+                if end is not EpochEnd.TIME:  # a cut-short epoch does not count as done
+                    state.epoch, state.epoch_sums = epoch + 1, EpochState()
                 if dist.is_main:
                     rundir.log_epoch(row, scores)
-                    state = checkpoint(row)
-                    save_checkpoint(last_path, state)
+                    checkpoint = parts.checkpoint(state, cfg, dist, row)
+                    save_checkpoint(last_path, checkpoint)
                     if is_best:
-                        save_checkpoint(best_path, state)
+                        save_checkpoint(best_path, checkpoint)
                     tqdm.write(_summary(row, cfg.epochs))
-                if final or time_up(cfg, run):
+                if final or state.time_up(cfg):
                     break
         if val_loader is not None and row:
             evaluation.final_evaluation(eval_model, val_loader, cfg=cfg, dist=dist,
@@ -258,7 +244,34 @@ def _fit(cfg: Config, dist: distributed.Dist) -> dict:
     return row
 
 
-def _resume_loader(loader, position: dict, run: dict, path: Path) -> None:
+@dataclass
+class Parts:
+    """What a checkpoint is made of: the model, optimizer, scaler and train loader of the
+    run, and `about` (the model and data's description, fixed for the run)."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    loader: object
+    about: dict
+
+    def checkpoint(self, state: RunState, cfg: Config, dist: distributed.Dist,
+                   row: dict | None) -> dict:
+        """The checkpoint of the run as it stands (train/checkpoint.py lists the keys)."""
+        return {
+            "model": self.model.state_dict(), **self.about,
+            "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+            "scheduler": {"name": "poly", "power": 0.9, "warmup": cfg.warmup,
+                          "total_steps": state.total_steps, "base_lr": cfg.resolved_lr(),
+                          "time_limit": cfg.time_limit},
+            "epoch": state.epoch, "step": state.step, "elapsed": state.elapsed,
+            "loader": dict(self.loader.state_dict()), "epoch_state": asdict(state.epoch_sums),
+            "rng": rng_state(dist.device), "best_miou": state.best_miou, "metrics": row,
+            "config": asdict(cfg), "world_size": dist.world_size,
+        }
+
+
+def _resume_loader(loader, position: dict, state: RunState, path: Path) -> None:
     """Put the train loader where the checkpoint stopped, with any number of processes.
 
     With another global batch an epoch has another number of steps, so the step count is
@@ -274,11 +287,11 @@ def _resume_loader(loader, position: dict, run: dict, path: Path) -> None:
         raise TrainingError(f"{path}: cannot resume exactly: {e}; resume with {hint}the "
                             "number of processes and batch size it was saved with") from None
     if saved != loader.global_batch:
-        run["step"] = loader.epoch * len(loader) + loader.state_dict()["batch"]
+        state.step = loader.position.stream(len(loader))
         tqdm.write(f"note: {path} was saved with a global batch of {saved} "
                    f"({loader.num_samples // saved} steps per epoch), this run's is "
                    f"{loader.global_batch} ({len(loader)} steps per epoch); continuing at "
-                   f"step {run['step']}")
+                   f"step {state.step}")
 
 
 def _summary(row: dict, epochs: int) -> str:
