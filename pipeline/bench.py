@@ -28,12 +28,13 @@ import h5py
 import numpy as np
 from PIL import Image
 
+from pipeline import sizes
 from pipeline.cityscapes import find_pairs
 from pipeline.preprocess import DEFAULT_COMPRESSION, preprocess
 from pipeline.shards import load_manifest, split_shards
 
-SOURCE_SIZE = (2048, 1024)
-TARGET_SIZE = (1024, 512)
+SOURCE_SIZE = (1024, 2048)  # H, W
+TARGET_SIZE = (512, 1024)
 
 
 def ensure_city(root: Path, frames: int, val: int) -> Path:
@@ -41,7 +42,7 @@ def ensure_city(root: Path, frames: int, val: int) -> Path:
     from pipeline.synth import synthesize
 
     marker = root / "bench-city.json"
-    want = {"train": frames, "val": val, "size": list(SOURCE_SIZE), "seed": 0}
+    want = {"train": frames, "val": val, "size": list(sizes.wh(SOURCE_SIZE)), "seed": 0}
     if marker.is_file() and json.loads(marker.read_text()) == want:
         return root
     shutil.rmtree(root, ignore_errors=True)
@@ -115,7 +116,7 @@ def run_bench(out: Path, *, frames: int = 64, workers: tuple[int, ...] = (1, 2),
     megabytes = sum(p.stat().st_size for p in files) / 1e6
     n = len(pairs)
     print(f"cityprep bench: {n} pairs (train {frames}, val {val}) at "
-          f"{SOURCE_SIZE[0]}x{SOURCE_SIZE[1]} -> {TARGET_SIZE[0]}x{TARGET_SIZE[1]}, "
+          f"{sizes.text(SOURCE_SIZE, 'WxH')} -> {sizes.text(TARGET_SIZE, 'WxH')}, "
           f"{megabytes:.0f} MB of PNG, compression {compression}, shard size {shard_size}, "
           f"best of {repeat}")
     rows = []
@@ -191,13 +192,13 @@ def run_archive_bench(out: Path, *, frames: int = 64, workers: tuple[int, ...] =
     for root in sources.values():  # warm the page cache so every side reads from memory
         for path in root.rglob("*.*"):
             path.read_bytes()
-    sizes = {name: sum(p.stat().st_size for p in root.rglob("*.png")) / 1e6 if name ==
-             "extracted" else sum(p.stat().st_size for p in root.glob("*.zip")) / 1e6
-             for name, root in sources.items()}
+    input_mb = {name: sum(p.stat().st_size for p in root.rglob("*.png")) / 1e6 if name ==
+                "extracted" else sum(p.stat().st_size for p in root.glob("*.zip")) / 1e6
+                for name, root in sources.items()}
     print(f"cityprep bench-archives: {n} pairs (train {frames}, val {val}) at "
-          f"{SOURCE_SIZE[0]}x{SOURCE_SIZE[1]} -> {TARGET_SIZE[0]}x{TARGET_SIZE[1]}, "
+          f"{sizes.text(SOURCE_SIZE, 'WxH')} -> {sizes.text(TARGET_SIZE, 'WxH')}, "
           f"shard size {shard_size}, best of {repeat}; input MB: "
-          + ", ".join(f"{k} {v:.0f}" for k, v in sizes.items()))
+          + ", ".join(f"{k} {v:.0f}" for k, v in input_mb.items()))
     rows, digests = [], {}
     for w in sorted(set(workers)):
         best = {name: (float("inf"), float("inf")) for name in sources}

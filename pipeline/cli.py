@@ -11,6 +11,7 @@ from pathlib import Path
 
 import click
 
+from pipeline import sizes
 from pipeline.cityscapes import DatasetError
 from pipeline.labels import MappingError
 from pipeline.preprocess import PreprocessError
@@ -33,7 +34,7 @@ class _Group(click.Group):
 
 
 class Size(click.ParamType):
-    """WxH, e.g. 1024x512."""
+    """An image's WxH, e.g. 1024x512, as (H, W) for the code (pipeline/sizes.py)."""
 
     name = "WxH"
 
@@ -41,13 +42,9 @@ class Size(click.ParamType):
         if isinstance(value, tuple):
             return value
         try:
-            w, h = (int(v) for v in str(value).lower().split("x"))
-            if w > 0 and h > 0:
-                return (w, h)
-        except ValueError:
-            pass
-        self.fail(f"{value!r} is not WIDTHxHEIGHT with positive integers, e.g. 1024x512",
-                  param, ctx)
+            return sizes.parse(value, "WxH")
+        except ValueError as e:
+            self.fail(str(e), param, ctx)
 
 
 class Part(click.ParamType):
@@ -103,7 +100,7 @@ def synth(out: Path, train: int, val: int, test: int, size: tuple[int, int], see
         raise click.exceptions.Exit(1) from None
     counts = [f"{train} train", f"{val} val"] + [f"{n} {split}" for n, split in (
         (extra, "train_extra"), (test, "test")) if n]
-    click.echo(f"{out}: {', '.join(counts)} frames at {size[0]}x{size[1]}"
+    click.echo(f"{out}: {', '.join(counts)} frames at {sizes.text(size, 'WxH')}"
                f"{' with gtCoarse labels' if coarse or extra else ''}")
 
 
@@ -143,7 +140,7 @@ def preprocess(datadir, out, splits, size, mapping, workers, shard_size, compres
     """
     from pipeline import preprocess as pp
 
-    out = out or Path("data_cache") / f"cityscapes-{size[0]}x{size[1]}"
+    out = out or Path("data_cache") / f"cityscapes-{sizes.text(size, 'WxH')}"
     manifest = pp.preprocess(
         datadir, out, splits=splits, size=size, mapping=mapping, workers=workers,
         shard_size=shard_size or pp.DEFAULT_SHARD_SIZE,
@@ -268,12 +265,11 @@ def bench_loader(data_dir: Path, batch_size: int, workers: int | None, crop: str
     from pipeline import loader_bench
 
     try:
-        h, w = (int(v) for v in crop.lower().split("x"))
-    except ValueError:
-        raise click.BadParameter(f"{crop!r} is not HEIGHTxWIDTH, e.g. 512x1024",
-                                 param_hint="--crop") from None
+        size = sizes.parse(crop, "HxW")
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--crop") from None
     rows = loader_bench.bench_loader(data_dir, batch_size=batch_size, workers=workers,
-                                     crop=(h, w), batches=batches, baseline=not no_baseline,
+                                     crop=size, batches=batches, baseline=not no_baseline,
                                      backend=backend)
     click.echo(loader_bench.format_rows(rows))
 

@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 from torchvision.transforms import functional as TF
 
+from pipeline import sizes
 from pipeline.cityscapes import find_pairs
 from pipeline.labels import LABELS, Mapping, get_mapping
 from pipeline.loader import build_loader
@@ -45,8 +46,8 @@ class PngCityscapes(Dataset):
 
     def __init__(self, pairs, lut: np.ndarray, size: tuple[int, int],
                  crop: tuple[int, int]) -> None:
-        self.pairs, self.size = pairs, (size[1], size[0])  # (H, W), as TF.resize takes it
-        self.crop = (min(crop[0], size[1]), min(crop[1], size[0]))
+        self.pairs, self.size = pairs, size  # (H, W), as TF.resize takes it
+        self.crop = (min(crop[0], size[0]), min(crop[1], size[1]))
         self.mapping = {label.id: int(lut[label.id]) for label in LABELS if label.id >= 0}
 
     def __len__(self) -> int:
@@ -127,7 +128,7 @@ def bench_loader(data_dir: Path, *, batch_size: int = 4, workers: int | None = N
 def _bench(data_dir: Path, batch_size: int, workers: int | None, crop: tuple[int, int],
            batches: int, warmup: int, baseline: bool, backend: str) -> list[dict]:
     manifest = load_manifest(data_dir)
-    w, h = manifest["config"]["size"]
+    h, w = sizes.from_wh(manifest["config"]["size"])
     loader = build_loader(data_dir, "train", batch_size, train=True, crop=crop, workers=workers,
                           backend=backend)
     if len(loader) == 0:
@@ -150,7 +151,7 @@ def _bench(data_dir: Path, batch_size: int, workers: int | None, crop: tuple[int
         raise ShardError(f"{root}: holds the official zips; the baseline, the original "
                          "project's loader, reads extracted PNG files: extract them there, or "
                          "pass --no-baseline")
-    dataset = PngCityscapes(pairs, mapping.lut, (w, h), crop)
+    dataset = PngCityscapes(pairs, mapping.lut, (h, w), crop)
     png = DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True,
                      num_workers=loader.workers, persistent_workers=loader.workers > 0)
     timing = _time(_endless(png), batches, warmup)

@@ -39,6 +39,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from pipeline import sizes
 from pipeline.cityscapes import (
     DatasetError,
     Pair,
@@ -102,32 +103,32 @@ def plan(pairs: dict[str, list[Pair]], shard_size: int) -> list[Task]:
 
 
 def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Image (H, W, 3) area-averaged to size = (W, H): what the shards hold, and what
+    """Image (H, W, 3) area-averaged to `size` (H, W): what the shards hold, and what
     evaluation and prediction feed the model, so it always sees the pixels it trained on."""
-    w, h = size
+    h, w = size
     src_h, src_w = image.shape[:2]
     f = src_w // w
-    if (src_w, src_h) == (w, h):
+    if (src_h, src_w) == (h, w):
         return image
-    if f >= 1 and (src_w, src_h) == (f * w, f * h):
+    if f >= 1 and (src_h, src_w) == (f * h, f * w):
         return np.asarray(Image.fromarray(image).reduce(f))
-    return np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR))
+    return np.asarray(Image.fromarray(image).resize(sizes.wh(size), Image.BILINEAR))
 
 
 def resize_pair(
     image: np.ndarray, label: np.ndarray, size: tuple[int, int]
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Image (H, W, 3) area-averaged, label (H, W) nearest, both to size = (W, H)."""
-    w, h = size
+    """Image (H, W, 3) area-averaged, label (H, W) nearest, both to `size` (H, W)."""
+    h, w = size
     src_h, src_w = label.shape
     f = src_w // w
-    if (src_w, src_h) == (w, h):
+    if (src_h, src_w) == (h, w):
         return image, label
-    if f >= 1 and (src_w, src_h) == (f * w, f * h):
+    if f >= 1 and (src_h, src_w) == (f * h, f * w):
         # PIL's NEAREST samples source pixel f*i + f//2; slicing there keeps both paths equal.
         return resize_image(image, size), label[f // 2 :: f, f // 2 :: f]
-    return resize_image(image, size), np.asarray(Image.fromarray(label).resize(size,
-                                                                               Image.NEAREST))
+    return resize_image(image, size), np.asarray(Image.fromarray(label).resize(
+        sizes.wh(size), Image.NEAREST))
 
 
 def _check_covered(label: np.ndarray, mapping: Mapping, source: Source) -> None:
@@ -140,7 +141,7 @@ def _check_covered(label: np.ndarray, mapping: Mapping, source: Source) -> None:
 def load_pair(
     pair: Pair, size: tuple[int, int], mapping: Mapping
 ) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
-    """Decode, check, remap and resize one pair -> (image, label, source (W, H))."""
+    """Decode, check, remap and resize one pair -> (image, label, source size (H, W))."""
     image = read_image(pair.image)
     ids = read_label_ids(pair.label)
     if image.shape[:2] != ids.shape:
@@ -148,7 +149,7 @@ def load_pair(
         raise DatasetError(f"{pair.image} is {iw}x{ih} but its label {pair.label} is {lw}x{lh}")
     _check_covered(ids, mapping, pair.label)
     small, small_ids = resize_pair(image, ids, size)
-    return small, mapping.lut[small_ids], (ids.shape[1], ids.shape[0])
+    return small, mapping.lut[small_ids], ids.shape
 
 
 # -- one shard (runs in a worker process) ------------------------------------------------------
@@ -196,7 +197,7 @@ def write_shard(task: Task, out: Path, size: tuple[int, int], mapping: Mapping,
 def _setting(config: dict, key: str) -> str:
     value = config.get(key)
     if key == "size" and value:
-        return f"size {value[0]}x{value[1]}"
+        return f"size {sizes.text(sizes.from_wh(value), 'WxH')}"
     if key == "mapping_def" and value:
         return f"mapping {value.get('name')!r}"
     return f"{key} {value}"
@@ -335,7 +336,7 @@ def preprocess(
     out: Path,
     *,
     splits: tuple[str, ...] | list[str] = ("train", "val"),
-    size: tuple[int, int] = (1024, 512),
+    size: tuple[int, int] = (512, 1024),
     mapping: str | Path | Mapping = "trainid",
     shard_size: int = DEFAULT_SHARD_SIZE,
     workers: int | None = None,
@@ -344,7 +345,10 @@ def preprocess(
     mode: str = "fine",
     progress: bool = True,
 ) -> dict | None:
-    """Run (or resume) the job; returns the manifest, or None while other parts are unfinished."""
+    """Run (or resume) the job; returns the manifest, or None while other parts are unfinished.
+
+    `size` is the shards' (H, W).
+    """
     datadir, out = Path(datadir), Path(out)
     index, count = part
     if not 1 <= index <= count:
@@ -356,7 +360,8 @@ def preprocess(
     mapping = mapping if isinstance(mapping, Mapping) else get_mapping(mapping)
     splits = tuple(dict.fromkeys(splits))
     pairs = {s: find_pairs(datadir, s, mode) for s in splits}  # every input error before any write
-    config = {"size": list(size), "mapping": mapping.name, "mapping_def": mapping.to_json(),
+    config = {"size": list(sizes.wh(size)), "mapping": mapping.name,
+              "mapping_def": mapping.to_json(),
               "compression": compression, "shard_size": shard_size, "mode": mode,
               "source_root": str(datadir.resolve())}
     say = tqdm.write if progress else (lambda _msg: None)

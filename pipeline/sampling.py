@@ -217,10 +217,10 @@ def check_shards(data_dir: Path, manifest: dict, split: str) -> tuple[list, list
             raise ShardError(f"{path}: holds {info.num_samples} samples, the manifest says {n}; "
                              "run `cityprep verify` or preprocess again")
         if size is not None and info.size != size:
-            raise ShardError(f"{path}: images are {info.size}, other shards {size} (W, H)")
+            raise ShardError(f"{path}: images are {info.size}, other shards {size} (H, W)")
         files.append(str(path))
         counts.append(n)
         size = info.size
     if size is None:
         raise ShardError(f"{data_dir}: split {split!r} has no shards")
-    return files, counts, (size[1], size[0])
+    return files, counts, size

@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageDraw
 
+from pipeline import sizes
 from pipeline.labels import LABEL_BY_NAME
 
 # What each part is made of; pipeline.synth gives each material its texture.
@@ -63,7 +64,7 @@ class Scene:
     """Camera, the two canvases and the table of parts drawn on them."""
 
     def __init__(self, size: tuple[int, int], rng: np.random.Generator) -> None:
-        self.w, self.h = size
+        self.h, self.w = size
         self.rng = rng
         self.s = self.w / 256  # one pixel of a 256-wide frame
         self.f = 1.1 * self.w
@@ -71,7 +72,7 @@ class Scene:
         self.hy = self.h * rng.uniform(0.40, 0.46)
         self.cam = rng.uniform(1.3, 1.6)
         self.sun = rng.uniform(0.8, 1.1, 2)  # brightness of left- and right-side facades
-        self.labels, self.parts = Image.new("I", size), Image.new("I", size)
+        self.labels, self.parts = (Image.new("I", sizes.wh(size)) for _ in range(2))
         self.dl, self.dp = ImageDraw.Draw(self.labels), ImageDraw.Draw(self.parts)
         self.objects: list[dict] = []
         self.obj_ids: list[tuple[int, int]] = [(0, 0)]  # (labelId, instanceId) per outline

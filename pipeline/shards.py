@@ -5,7 +5,8 @@
         image  uint8 (N, H, W, 3), chunks (1, H, W, 3)   RGB, resized
         label  uint8 (N, H, W),    chunks (1, H, W)      class ids, 255 = ignore
         name   utf-8 str (N,)                            {city}_{seq:06d}_{frame:06d}
-        attrs  format_version, split, classes, palette, ignore_index, mapping, source_size
+        attrs  format_version, split, classes, palette, ignore_index, mapping,
+               source_size ([W, H] of the originals, as manifest.json's config.size)
 
 Every file is written under a temporary name in the same folder and renamed when complete,
 so a reader never sees half a shard and a killed job leaves only temporaries to sweep.
@@ -25,6 +26,7 @@ import h5py
 import numpy as np
 from PIL import Image
 
+from pipeline import sizes
 from pipeline.labels import IGNORE_INDEX, Mapping
 
 FORMAT_VERSION = 1
@@ -116,7 +118,7 @@ class ShardWriter:
         self.path = Path(path)
         self.tmp = tmp_path_for(self.path)
         self.num_samples = num_samples
-        w, h = size
+        h, w = size  # (H, W), as everywhere in the code; files say [W, H] (pipeline/sizes.py)
         self._file = h5py.File(self.tmp, "w")
         comp = _compression_kwargs(compression)
         self._image = self._file.create_dataset(
@@ -135,7 +137,7 @@ class ShardWriter:
         attrs["palette"] = mapping.palette
         attrs["ignore_index"] = IGNORE_INDEX
         attrs["mapping"] = json.dumps(mapping.to_json())
-        attrs["source_size"] = np.asarray(source_size, dtype=np.int64)
+        attrs["source_size"] = np.asarray(sizes.wh(source_size), dtype=np.int64)
         self._written = 0
 
     def add(self, image: np.ndarray, label: np.ndarray, name: str) -> None:
@@ -178,7 +180,7 @@ class ShardInfo:
     path: Path
     split: str
     num_samples: int
-    size: tuple[int, int]  # (W, H)
+    size: tuple[int, int]  # (H, W)
     classes: list[str]
     palette: np.ndarray
     ignore_index: int
@@ -227,12 +229,12 @@ def shard_info(path: Path) -> ShardInfo:
             path=Path(path),
             split=str(a["split"]),
             num_samples=int(n),
-            size=(int(w), int(h)),
+            size=(int(h), int(w)),
             classes=[str(c) for c in a["classes"]],
             palette=np.asarray(a["palette"], dtype=np.uint8),
             ignore_index=int(a["ignore_index"]),
             mapping=json.loads(a["mapping"]),
-            source_size=tuple(int(v) for v in a["source_size"]),  # type: ignore[arg-type]
+            source_size=sizes.from_wh(a["source_size"]),
         )
 
 
@@ -378,8 +380,8 @@ def write_arrays(folder: Path, splits: dict[str, tuple[np.ndarray, np.ndarray, l
             stop = min(start + shard_size, n)
             path = folder / shard_filename(split, k)
             stats = None
-            with ShardWriter(path, num_samples=stop - start, size=(w, h), split=split,
-                             mapping=mapping, source_size=(w, h),
+            with ShardWriter(path, num_samples=stop - start, size=(h, w), split=split,
+                             mapping=mapping, source_size=(h, w),
                              compression=compression) as writer:
                 for i in range(start, stop):
                     writer.add(images[i], labels[i], names[i])
@@ -388,7 +390,8 @@ def write_arrays(folder: Path, splits: dict[str, tuple[np.ndarray, np.ndarray, l
                 digest = writer.commit()
             entries[split].append({"file": path.name, "samples": stop - start,
                                    "sha256": digest, "stats": stats})
-    config = {"size": [w, h], "mapping": mapping.name, "mapping_def": mapping.to_json(),
+    config = {"size": list(sizes.wh((h, w))), "mapping": mapping.name,
+              "mapping_def": mapping.to_json(),
               "compression": compression, "shard_size": shard_size, "mode": "fine",
               "source_root": None}
     write_manifest(folder, make_manifest(config, mapping, entries))

@@ -294,7 +294,8 @@ def _png(array: np.ndarray, level: int) -> bytes:
 
 
 def render_frame(size: tuple[int, int], rng: np.random.Generator):
-    """One scene in memory: (RGB HxWx3 uint8, labelIds uint8, instanceIds uint16, polygons)."""
+    """One scene of `size` (H, W) in memory: (RGB HxWx3 uint8, labelIds uint8, instanceIds
+    uint16, polygons)."""
     sc = scene.Scene(size, rng)
     _build(sc)
     ids = np.array(sc.obj_ids)
@@ -321,16 +322,17 @@ def coarse_label_ids(label_ids: np.ndarray, margin: int) -> np.ndarray:
 
 
 def synthesize(root: Path, *, train: int = 20, val: int = 10, test: int = 0,
-               size: tuple[int, int] = (2048, 1024), seed: int = 0, coarse: bool = False,
+               size: tuple[int, int] = (1024, 2048), seed: int = 0, coarse: bool = False,
                extra: int = 0, progress: bool = False) -> list[Path]:
-    """Write a synthetic Cityscapes tree (leftImg8bit + gtFine) under `root`; returns images.
+    """Write a synthetic Cityscapes tree (leftImg8bit + gtFine) of frames of `size` (H, W)
+    under `root`; returns the images.
 
     `coarse` adds gtCoarse labels to train and val; `extra` frames of train_extra come with
     gtCoarse only (and imply `coarse`). `test` frames get no label files at all: the public
     test split has no usable labels, and code meant for it (`citytrain evaluate --submit`)
     must not need any. Without these the output is what it always was.
     """
-    w, h = (int(v) for v in size)
+    h, w = (int(v) for v in size)
     if w < 32 or h < 16:
         raise ValueError(f"synthetic city: size {w}x{h} is too small (at least 32x16)")
     if min(train, val, test, extra, seed) < 0:
@@ -348,7 +350,7 @@ def synthesize(root: Path, *, train: int = 20, val: int = 10, test: int = 0,
         city, seq = cities[i % len(cities)], i // len(cities)
         stem = f"{city}_{seq:06d}_{FRAME:06d}"
         rng = np.random.default_rng([seed, _SPLIT_CODE[split], i])
-        rgb, label_ids, inst, polygons = render_frame((w, h), rng)
+        rgb, label_ids, inst, polygons = render_frame((h, w), rng)
         if split not in ("train_extra", "test"):  # Cityscapes has no fine labels for them
             gt = root / "gtFine" / split / city / f"{stem}_gtFine"
             gt.parent.mkdir(parents=True, exist_ok=True)

@@ -12,8 +12,8 @@ import pytest
 from pipeline.labels import Mapping, get_mapping
 from pipeline.shards import write_arrays
 
-CITY_SIZE = (256, 128)  # synthetic source PNGs, W x H
-SHARD_SIZE = (128, 64)  # preprocessed, W x H
+CITY_SIZE = (128, 256)  # synthetic source PNGs, (H, W) as everywhere in the code
+SHARD_SIZE = (64, 128)  # preprocessed
 
 
 @pytest.fixture(scope="session")

@@ -254,7 +254,7 @@ def test_instance_ids_are_the_stored_16_bit_values(tmp_path, city):
 def test_images_of_a_split_without_labels(tmp_path, city):
     from pipeline.synth import synthesize
 
-    synthesize(tmp_path, train=0, val=0, test=2, size=(64, 32))
+    synthesize(tmp_path, train=0, val=0, test=2, size=(32, 64))
     assert [n for n, _ in find_images(tmp_path, "test")] == ["berlin_000000_000019",
                                                             "bielefeld_000000_000019"]
     assert not (tmp_path / "gtFine").exists()

@@ -39,7 +39,7 @@ def test_coarse_labels_are_the_fine_ones_without_their_boundaries():
 
 
 def test_synth_writes_gtcoarse_for_every_split_and_train_extra_without_fine(tmp_path):
-    synthesize(tmp_path, train=2, val=1, extra=3, size=(128, 64), seed=0)
+    synthesize(tmp_path, train=2, val=1, extra=3, size=(64, 128), seed=0)
     for split, n in (("train", 2), ("val", 1), ("train_extra", 3)):
         images = sorted((tmp_path / "leftImg8bit" / split).glob("*/*_leftImg8bit.png"))
         assert len(images) == n

@@ -19,6 +19,7 @@ from PIL import Image
 
 from pipeline.labels import get_mapping
 from pipeline.preprocess import preprocess
+from pipeline.sizes import wh
 from pipeline.synth import synthesize
 from train.cli import main
 from train.evaluation import metrics_text
@@ -152,7 +153,7 @@ def test_submission_zip_holds_one_labelid_png_per_test_image(run, uneven, tmp_pa
         assert z.namelist() == [f"{s}_pred.png" for s in stems]
         for name in z.namelist():
             with Image.open(z.open(name)) as png:
-                assert png.mode == "L" and png.size == CITY_SIZE  # the originals' size
+                assert png.mode == "L" and png.size == wh(CITY_SIZE)  # the originals' size
                 assert set(np.unique(np.asarray(png))) <= set(TRAINID.export_ids[:19].tolist())
     assert [p.name for p in tmp_path.iterdir()] == ["results.zip"]  # no temporaries left
     # the zip holds the very PNGs --export-official writes for a split
@@ -222,7 +223,7 @@ def test_predict_slides_and_flips_at_the_inputs_size(run, uneven, tmp_path):
     citytrain("predict", "--checkpoint", run / "checkpoints" / "last.pt", "--input", image,
               "--out", tmp_path / "p", "--device", "cpu", *SLIDE, "--scales", "1,1.5")
     mask = Image.open(tmp_path / "p" / f"{image.stem}_mask.png")
-    assert mask.size == CITY_SIZE
+    assert mask.size == wh(CITY_SIZE)
 
 
 def test_confusion_and_iou_pictures_show_the_numbers():

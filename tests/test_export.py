@@ -14,14 +14,15 @@ from torch import nn
 from pipeline.cityscapes import DatasetError
 from pipeline.labels import LABEL_BY_NAME, MappingError, get_mapping
 from pipeline.shards import load_manifest, open_shard, split_shards
+from pipeline.sizes import from_wh, wh
 from train.export import evaluate_full_resolution, score_predictions
 from train.predict import to_input
 
 MAPPING = get_mapping("trainid")
 PALETTE = MAPPING.palette
 MEAN, STD = (0.3, 0.4, 0.5), (0.2, 0.25, 0.3)
-FULL = (64, 32)  # originals, W x H
-SHARD = (32, 16)
+FULL = (32, 64)  # originals, (H, W)
+SHARD = (16, 32)
 NAMES = ["aachen_000000_000019", "aachen_000001_000019", "bonn_000000_000019"]
 
 
@@ -47,7 +48,7 @@ def scene(i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     poles that vanish at shard size, and ignored areas (unlabeled, ego vehicle) painted black.
     Each scene has one car instance; scene 0 also a crowd of cars (instanceId 26: no
     instance) and scene 2 a second, smaller car."""
-    w, h = FULL
+    h, w = FULL
     ids = np.full((h, w), _id("building"), np.uint8)
     ids[: h // 4] = _id("sky")
     ids[h // 2:] = _id("road")
@@ -84,8 +85,8 @@ def tree(tmp_path, make_dataset):
             folder = datadir / sub / "val" / city
             folder.mkdir(parents=True, exist_ok=True)
             Image.fromarray(arr).save(folder / f"{name}_{kind}.png")
-        images.append(np.asarray(Image.fromarray(image).resize(SHARD, Image.BILINEAR)))
-        labels.append(np.asarray(Image.fromarray(MAPPING.remap(ids)).resize(SHARD,
+        images.append(np.asarray(Image.fromarray(image).resize(wh(SHARD), Image.BILINEAR)))
+        labels.append(np.asarray(Image.fromarray(MAPPING.remap(ids)).resize(wh(SHARD),
                                                                           Image.NEAREST)))
     data = make_dataset({"val": (np.stack(images), np.stack(labels), NAMES)}, shard_size=2)
     return datadir, data
@@ -151,7 +152,7 @@ def test_export_agrees_with_official_evaluator(tree, official, tmp_path):
     assert written == [f"{n}_pred.png" for n in NAMES]
     for p in export.iterdir():
         pred = np.asarray(Image.open(p))
-        assert pred.shape == FULL[::-1] and pred.dtype == np.uint8  # labelIds at full size
+        assert pred.shape == FULL and pred.dtype == np.uint8  # labelIds at full size
         assert set(np.unique(pred)) <= set(MAPPING.export_ids[: MAPPING.num_classes].tolist())
 
     theirs = official(datadir, export)
@@ -179,7 +180,7 @@ def test_the_model_sees_the_pixels_of_the_shards(city, shards):
     model = PaletteModel()
     model.register_forward_hook(lambda m, i, o: seen.append(i[0]))
     evaluate_full_resolution(model, city, "val", mapping=manifest["config"]["mapping_def"],
-                             mean=MEAN, std=STD, size=manifest["config"]["size"])
+                             mean=MEAN, std=STD, size=from_wh(manifest["config"]["size"]))
     shard_images = []
     for path, _ in split_shards(shards, manifest, "val"):
         with open_shard(path) as f:
@@ -263,7 +264,7 @@ def test_synthetic_city_agrees_with_official_evaluator(city, shards, official, t
     result = evaluate_full_resolution(ShardOracle(labels), city, "val", export_dir=export,
                                       mapping=manifest["config"]["mapping_def"],
                                       mean=manifest["mean"], std=manifest["std"],
-                                      size=manifest["config"]["size"])
+                                      size=from_wh(manifest["config"]["size"]))
     theirs = official(city, export)
     assert result["images"] == manifest["splits"]["val"]["samples"] == len(list(export.iterdir()))
     agrees(result, theirs)

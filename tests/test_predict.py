@@ -75,7 +75,7 @@ def test_resize_to_training_size_and_back(folder, tmp_path):
     model.register_forward_hook(lambda m, i, o: seen.append(tuple(i[0].shape[-2:])))
     out = tmp_path / "out"
     predict_paths(model, [root / "a.png", root / "sub"], out, mean=MEAN, std=STD,
-                  palette=PALETTE, device="cpu", size=(24, 16))
+                  palette=PALETTE, device="cpu", size=(16, 24))
     assert seen == [(16, 24)] * 3  # every image predicted at the shards' W x H
     mask = np.asarray(Image.open(out / "a_mask.png"))
     assert mask.shape == (37, 53, 3)  # and the mask is back at the input's size

@@ -16,12 +16,13 @@ from train.fit import fit
 
 
 def test_the_estimate_grows_with_the_batch_and_keeps_the_rng():
-    cfg = Config(width=8, depth=2, amp="off", optimizer="adamw")
+    # big enough that a batch's activations (~25 MB here) stand out of the process's RSS
+    cfg = Config(width=16, depth=2, amp="off", optimizer="adamw")
     torch.manual_seed(0)
     before = torch.get_rng_state()
-    estimate = preflight.probe(cfg, 19, (64, 128), torch.device("cpu"))
+    estimate = preflight.probe(cfg, 19, (256, 512), torch.device("cpu"))
     assert estimate.per_pixel > 0 and estimate.fixed > 0
-    assert estimate.need(8, 64 * 128) > estimate.need(1, 64 * 128)
+    assert estimate.need(8, 256 * 512) > estimate.need(1, 256 * 512)
     # probing draws random numbers; fit runs it under fork_rng so the model's init is unchanged
     assert not torch.equal(before, torch.get_rng_state())
 

@@ -23,10 +23,11 @@ from pipeline.cityscapes import DatasetError
 from pipeline.labels import Mapping, MappingError, get_mapping
 from pipeline.preprocess import PreprocessError, preprocess
 from pipeline.shards import ShardWriter, load_manifest
+from pipeline.sizes import wh
 
 REPO = Path(__file__).resolve().parents[1]
 IDS = np.array([0, 7, 8, 9, 11, 21, 23, 24, 26], np.uint8)  # 0 and 9 are ignored by trainid
-SIZE = (32, 16)
+SIZE = (16, 32)  # H, W
 KW = dict(size=SIZE, shard_size=2, workers=1, progress=False)
 
 
@@ -35,10 +36,10 @@ def write_png(path: Path, array: np.ndarray) -> None:
     Image.fromarray(array).save(path)
 
 
-def make_tree(root: Path, counts=(("train", 6), ("val", 2)), size=(64, 32), seed=0) -> Path:
+def make_tree(root: Path, counts=(("train", 6), ("val", 2)), size=(32, 64), seed=0) -> Path:
     """Random pixels and random label ids per pixel: any misalignment shows."""
     rng = np.random.default_rng(seed)
-    w, h = size
+    h, w = size
     for split, n in counts:
         for i in range(n):
             city = ("aachen", "bochum")[i % 2]
@@ -95,20 +96,20 @@ def reference(tree, tmp_path_factory) -> Path:
 
 def test_general_size_uses_antialiased_image_and_nearest_label(tree, tmp_path):
     out = tmp_path / "out"
-    size = (24, 12)  # 64x32 -> 24x12 is not an integer factor
+    size = (12, 24)  # 64x32 -> 24x12 is not an integer factor
     preprocess(tree, out, size=size, shard_size=4, workers=1, progress=False)
     images, labels, names = read_split(out, "train")
     for i, name in enumerate(names):
         src = Image.open(image_path(tree, name))
-        assert np.array_equal(images[i], np.asarray(src.resize(size, Image.BILINEAR)))
-        ids = np.asarray(Image.open(label_path(tree, name)).resize(size, Image.NEAREST))
+        assert np.array_equal(images[i], np.asarray(src.resize(wh(size), Image.BILINEAR)))
+        ids = np.asarray(Image.open(label_path(tree, name)).resize(wh(size), Image.NEAREST))
         assert np.array_equal(labels[i], to_trainid(ids))
 
 
 def test_integer_factor_path_picks_the_same_label_pixels_as_pil_nearest(tree, reference):
     _, labels, names = read_split(reference, "train")
     for i, name in enumerate(names):
-        ids = np.asarray(Image.open(label_path(tree, name)).resize(SIZE, Image.NEAREST))
+        ids = np.asarray(Image.open(label_path(tree, name)).resize(wh(SIZE), Image.NEAREST))
         assert np.array_equal(labels[i], to_trainid(ids))
 
 
@@ -141,7 +142,7 @@ def slow_add(self, *args):  # give the kill something to interrupt
     add(self, *args)
 shards.ShardWriter.add = slow_add
 from pipeline.preprocess import preprocess
-preprocess(sys.argv[1], sys.argv[2], size=(32, 16), shard_size=2, workers=2, progress=False)
+preprocess(sys.argv[1], sys.argv[2], size=(16, 32), shard_size=2, workers=2, progress=False)
 """
 
 
@@ -343,7 +344,7 @@ def test_folder_of_another_config_is_refused_untouched(tree, tmp_path):
     with pytest.raises(PreprocessError, match=rf"^{out}: holds shards of another config \(size "
                                               r"32x16; this run asks for size 16x8\); choose "
                                               "another --out, or delete the folder"):
-        preprocess(tree, out, **{**KW, "size": (16, 8)})
+        preprocess(tree, out, **{**KW, "size": (8, 16)})
     with pytest.raises(PreprocessError, match=r"\(mapping 'trainid'; this run asks for mapping "
                                               r"'seed4'\)"):
         preprocess(tree, out, **KW, mapping="seed4")

@@ -66,7 +66,7 @@ def test_shard_schema_and_chunking(shards):
     path = shards / "train-00000.h5"
     info = shard_info(path)
     assert (info.split, info.num_samples, info.size, info.source_size) == (
-        "train", 4, (128, 64), (256, 128))
+        "train", 4, (64, 128), (128, 256))  # (H, W): 128 wide, 64 high, from 256x128
     assert info.mapping["name"] == "trainid" and info.ignore_index == 255
     with h5py.File(path, "r") as f:
         assert f["image"].dtype == np.uint8 and f["image"].chunks == (1, 64, 128, 3)
@@ -87,8 +87,8 @@ def test_sample_stats_equal_the_plain_sums():
 
 
 def writer(path, n=2):
-    return ShardWriter(path, num_samples=n, size=(8, 4), split="train",
-                       mapping=get_mapping("seed4"), source_size=(16, 8), compression="lzf")
+    return ShardWriter(path, num_samples=n, size=(4, 8), split="train",
+                       mapping=get_mapping("seed4"), source_size=(8, 16), compression="lzf")
 
 
 def test_writer_is_atomic(tmp_path):

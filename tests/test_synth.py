@@ -40,7 +40,7 @@ def png_format(path: Path) -> tuple[int, int, int, int]:
 
 
 def test_exact_layout_and_names(tmp_path):
-    paths = synthesize(tmp_path, train=5, val=2, size=(128, 64), seed=3)
+    paths = synthesize(tmp_path, train=5, val=2, size=(64, 128), seed=3)
     n = len(CITIES["train"])
     expected_train = [f"{CITIES['train'][i % n]}_{i // n:06d}_000019" for i in range(5)]
     expected_val = [f"{c}_000000_000019" for c in CITIES["val"][:2]]
@@ -76,13 +76,13 @@ def test_deterministic_and_seeded(tmp_path):
                 for p in root.rglob("*") if p.is_file()}
 
     for name, seed in (("a", 7), ("b", 7), ("c", 8)):
-        synthesize(tmp_path / name, train=2, val=1, size=(128, 64), seed=seed)
+        synthesize(tmp_path / name, train=2, val=1, size=(64, 128), seed=seed)
     a, b, c = tree(tmp_path / "a"), tree(tmp_path / "b"), tree(tmp_path / "c")
     assert a == b
     assert a.keys() == c.keys()
     assert all(a[k] != c[k] for k in a if k.endswith("leftImg8bit.png"))
     # frames are drawn independently: more frames leave the first ones as they were
-    synthesize(tmp_path / "d", train=3, val=2, size=(128, 64), seed=7)
+    synthesize(tmp_path / "d", train=3, val=2, size=(64, 128), seed=7)
     d = tree(tmp_path / "d")
     assert all(d[k] == v for k, v in a.items())
 
@@ -185,7 +185,7 @@ def test_image_is_drawn_from_the_labels(city):
     assert walk.mean() > road.mean() + 20  # paving lighter than asphalt
 
 
-@pytest.mark.parametrize("kwargs, match", [({"size": (16, 8)}, "too small"),
+@pytest.mark.parametrize("kwargs, match", [({"size": (8, 16)}, "too small"),
                                            ({"train": -1}, "negative"),
                                            ({"seed": -2}, "negative")])
 def test_bad_arguments(tmp_path, kwargs, match):

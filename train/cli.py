@@ -20,6 +20,7 @@ from pathlib import Path
 
 import click
 
+from pipeline import sizes
 from train.config import AgreedError, Config, Interrupted, TrainingError
 
 DEFAULTS = Config()
@@ -59,17 +60,13 @@ def friendly_errors(fn):
 
 
 def parse_size(text: str | None, order: str = "HxW") -> tuple[int, int] | None:
-    """'512x1024' -> (512, 1024) in the order written; 'none'/'full' -> None (whole image)."""
+    """A size typed in `order` -> (H, W) (pipeline/sizes.py); 'none'/'full' -> None."""
     if text is None or text.lower() in ("none", "full"):
         return None
     try:
-        a, b = (int(v) for v in text.lower().split("x"))
-        if a <= 0 or b <= 0:
-            raise ValueError
-    except ValueError:
-        raise click.BadParameter(f"expected {order} with positive integers, got {text!r}") \
-            from None
-    return a, b
+        return sizes.parse(text, order)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
 
 
 def _range(text: str) -> tuple[float, float]:
@@ -297,13 +294,10 @@ def predict(checkpoint: Path, inputs: tuple[Path, ...], out: Path, size: str | N
     dev = local_device(device)
     state = load_checkpoint(checkpoint)
     model = model_from_checkpoint(state, checkpoint, dev)
-    if size is None:
-        wh = tuple(state["size"])
-    else:
-        wh = parse_size(size, order="WxH")
+    shape = sizes.from_wh(state["size"]) if size is None else parse_size(size, order="WxH")
     written = predict_paths(model, list(inputs), out, mean=state["mean"], std=state["std"],
                             palette=state["palette"], losstype=state["losstype"], device=dev,
-                            size=wh, inference=inference, amp=amp)
+                            size=shape, inference=inference, amp=amp)
     click.echo(f"wrote {len(written) // 2} masks and overlays to {out}")
 
 

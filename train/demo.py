@@ -23,13 +23,15 @@ from pathlib import Path
 
 import click
 
+from pipeline import sizes
+
 # Tuned on this synthetic city (60 train frames) on the 2-core dev machine: in the 270 s
 # budget val mIoU reaches 0.87 with bf16 (636 steps) and 0.85 in fp32 (418 steps); 0.75
 # comes after ~140 steps. Class weights matter most: without them wall, fence, lights, signs,
 # persons and riders stay near 0 IoU for hundreds of steps. --time-limit is a cap: on a
 # slower CPU the LR schedule ends (and training stops) when the budget is spent.
 TRAIN, VAL = 60, 20
-SOURCE_SIZE, SHARD_SIZE = (512, 256), (256, 128)  # W x H
+SOURCE_SIZE, SHARD_SIZE = (256, 512), (128, 256)  # H, W
 FIT_ARGS = ["--width", "16", "--depth", "4", "--batch-size", "8", "--crop", "full",
             "--scale", "1,1", "--jitter", "0.1", "--optimizer", "adamw", "--lr", "1e-2",
             "--warmup", "20", "--class-weights", "--epochs", "100", "--eval-every", "20",
@@ -86,12 +88,12 @@ def main(out: Path, minutes: float, seed: int) -> None:
     start = time.perf_counter()
     done = city / "SYNTH_DONE"
     if not done.is_file():
-        print(f"synthesizing {TRAIN} train and {VAL} val frames at {SOURCE_SIZE[0]}x"
-              f"{SOURCE_SIZE[1]} into {city}", flush=True)
+        print(f"synthesizing {TRAIN} train and {VAL} val frames at "
+              f"{sizes.text(SOURCE_SIZE, 'WxH')} into {city}", flush=True)
         shutil.rmtree(city, ignore_errors=True)
         synthesize(city, train=TRAIN, val=VAL, size=SOURCE_SIZE, seed=seed)
         done.write_text("ok\n")
-    print(f"preprocessing into {shards} at {SHARD_SIZE[0]}x{SHARD_SIZE[1]}", flush=True)
+    print(f"preprocessing into {shards} at {sizes.text(SHARD_SIZE, 'WxH')}", flush=True)
     preprocess(city, shards, splits=("train", "val"), size=SHARD_SIZE, mapping="trainid",
                shard_size=20, workers=2, progress=True)
     clear_previous_run(out)

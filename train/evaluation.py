@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline import sizes
 from pipeline.shards import atomic_write_bytes
 from train.inference import Inference, infer
 from train.visualize import write_evaluation_pictures
@@ -192,11 +193,11 @@ def evaluate_checkpoint(checkpoint: Path, *, data: Path | None, split: str, out:
                            f"{split} split against; to predict it for the benchmark server, "
                            "pass --submit results.zip")
     out = default_out(checkpoint, split) if out is None else Path(out)
-    w, h = state["size"]  # the training shards' W x H: the scale the model sees
+    h, w = sizes.from_wh(state["size"])  # the training shards' size: the scale the model sees
     dist = distributed.setup(device)
     try:
         model = model_from_checkpoint(state, checkpoint, dist.device)
-        common = dict(mapping=mapping, mean=state["mean"], std=state["std"], size=(w, h),
+        common = dict(mapping=mapping, mean=state["mean"], std=state["std"], size=(h, w),
                       losstype=state["losstype"], device=dist.device, amp=amp,
                       inference=inference, rank=dist.rank, world_size=dist.world_size)
         tick = time.perf_counter()

@@ -193,7 +193,7 @@ def evaluate_full_resolution(
 ) -> dict:
     """Score `split` of the Cityscapes tree `datadir` at the originals' resolution.
 
-    `size` is (W, H) of the training shards, the scale the model sees. Returns
+    `size` is (H, W) of the training shards, the scale the model sees. Returns
     ConfusionMatrix.compute's dict (iIoU included when the instance PNGs are there) plus
     "images", over all ranks; rank r scores its block of the images (see `rank_share`).
     """

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from pipeline import sizes
 from pipeline.loader import build_loader
 from pipeline.shards import load_manifest
 from train import distributed, evaluation, preflight
@@ -95,9 +96,9 @@ def _fit(cfg: Config, dist: distributed.Dist) -> dict:
     common = dict(rank=dist.rank, world_size=dist.world_size, seed=cfg.seed,
                   device=dist.device, workers=cfg.workers, channels_last=cfg.channels_last,
                   backend=cfg.backend)
-    w, h = load_manifest(Path(cfg.data))["config"]["size"]
+    shards = sizes.from_wh(load_manifest(Path(cfg.data))["config"]["size"])
     train_loader = build_loader(cfg.data, cfg.train_split, cfg.batch_size, train=True,
-                                crop=cfg.crop or (h, w),
+                                crop=cfg.crop or shards,
                                 scale=cfg.scale, flip=cfg.flip, jitter=cfg.jitter, **common)
     if len(train_loader) == 0:
         raise TrainingError(f"{cfg.data}: the {cfg.train_split} split has "

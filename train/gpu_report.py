@@ -33,6 +33,7 @@ import torch
 from pipeline.labels import get_mapping
 from pipeline.loader import build_loader, dali_available
 from pipeline.shards import load_manifest, manifest_path, write_arrays
+from pipeline.sizes import from_wh
 from train.bench import measure_matmul_tflops, run_bench
 from train.config import Config
 from train.engine import set_tf32
@@ -68,7 +69,7 @@ def synthetic_shards(folder: Path, sizes: Sizes) -> Path:
     h, w = sizes.shard
     if manifest_path(folder).is_file():
         manifest = load_manifest(folder)
-        if manifest["config"]["size"] == [w, h] and \
+        if from_wh(manifest["config"]["size"]) == (h, w) and \
                 manifest["splits"]["train"]["samples"] == sizes.samples:
             return folder
     rng = np.random.default_rng(0)

@@ -89,7 +89,7 @@ def predict_image(
 ) -> np.ndarray:
     """Class ids (H, W) uint8 for one uint8 (H, W, 3) image, at the image's own size.
 
-    `size` (W, H) is what the model sees (None: the image as it is); `inference` a
+    `size` (H, W) is what the model sees (None: the image as it is); `inference` a
     train.inference.Inference (None: the whole image once).
     """
     from pipeline.preprocess import resize_image
@@ -120,7 +120,7 @@ def predict_paths(
 ) -> list[Path]:
     """Predict every image in `inputs` (files or folders); returns the PNGs written.
 
-    `size` is (W, H) of the training shards; None predicts at each image's own size.
+    `size` is (H, W) of the training shards; None predicts at each image's own size.
     `inference` (train.inference.Inference) sets windows, scales and flip.
     """
     out = Path(out)
