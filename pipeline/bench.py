@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
-import resource
 import shutil
 import sys
 import time
@@ -30,6 +29,7 @@ from PIL import Image
 
 from pipeline import sizes
 from pipeline.cityscapes import find_pairs
+from pipeline.host import cpu_seconds
 from pipeline.preprocess import DEFAULT_COMPRESSION, preprocess
 from pipeline.shards import load_manifest, split_shards
 
@@ -58,20 +58,14 @@ def _pil_decode(paths: list[Path]) -> int:
     return len(paths)
 
 
-def _cpu_seconds() -> float:
-    """CPU time of this process and of its finished children: immune to other load."""
-    usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
-    return sum(u.ru_utime + u.ru_stime for u in usage)
-
-
 def time_pil_decode(files: list[Path], workers: int, chunk: int) -> tuple[float, float]:
     """(wall, CPU) seconds for `workers` processes to decode every file with PIL."""
     ctx = mp.get_context("fork" if sys.platform == "linux" else "spawn")
     chunks = [files[i : i + chunk] for i in range(0, len(files), chunk)]
-    start, cpu = time.perf_counter(), _cpu_seconds()
+    start, cpu = time.perf_counter(), cpu_seconds()
     with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
         assert sum(pool.map(_pil_decode, chunks)) == len(files)
-    return time.perf_counter() - start, _cpu_seconds() - cpu
+    return time.perf_counter() - start, cpu_seconds() - cpu
 
 
 def time_reads(data_dir: Path, seed: int = 0) -> tuple[float, int]:
@@ -95,10 +89,10 @@ def time_preprocess(city: Path, target: Path, workers: int, shard_size: int,
                     compression: str) -> tuple[float, float]:
     """(wall, CPU) seconds of a fresh preprocessing job (the workers are joined at its end)."""
     shutil.rmtree(target, ignore_errors=True)
-    start, cpu = time.perf_counter(), _cpu_seconds()
+    start, cpu = time.perf_counter(), cpu_seconds()
     preprocess(city, target, size=TARGET_SIZE, workers=workers, shard_size=shard_size,
                compression=compression, progress=False)
-    return time.perf_counter() - start, _cpu_seconds() - cpu
+    return time.perf_counter() - start, cpu_seconds() - cpu
 
 
 def run_bench(out: Path, *, frames: int = 64, workers: tuple[int, ...] = (1, 2),

@@ -3,6 +3,7 @@
 - `usable_cpus()`: the CPUs this process may run on (its affinity mask, and the CPU quota of
   its cgroup, v1 or v2), not the machine's count: a SLURM job or a container gets a share.
 - `available_memory()`: what can still be allocated, the cgroup's limit included.
+- `cpu_seconds()`: CPU time of this process and its children, for the benchmarks.
 - `worker_setup()`: run first in every worker process (loaders, preprocessing): Ctrl-C is
   left to the parent, and a worker exits as soon as its parent dies, however it died
   (SIGKILL and the OOM killer included), instead of lingering with its memory.
@@ -15,6 +16,7 @@ from __future__ import annotations
 import multiprocessing
 import multiprocessing.connection
 import os
+import resource
 import signal
 import threading
 from pathlib import Path
@@ -83,6 +85,22 @@ def available_memory() -> int:
             available = min(available, int(limit) - int(usage))
             break
     return max(0, available)
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process and its children, live (read from /proc where there is one)
+    and finished: the figure benchmarks divide by, which other load on the machine moves
+    less than wall-clock time."""
+    usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    total = sum(u.ru_utime + u.ru_stime for u in usage)
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == os.getpid():
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 def _exit_with_parent(sentinel: int) -> None:

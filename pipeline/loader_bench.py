@@ -18,9 +18,7 @@ than samples/s.
 from __future__ import annotations
 
 import itertools
-import os
 import random
-import resource
 import time
 from pathlib import Path
 
@@ -33,6 +31,7 @@ from torchvision.transforms import functional as TF
 
 from pipeline import sizes
 from pipeline.cityscapes import find_pairs
+from pipeline.host import cpu_seconds
 from pipeline.labels import LABELS, Mapping, get_mapping
 from pipeline.loader import build_loader
 from pipeline.shards import ShardError, load_manifest
@@ -77,29 +76,15 @@ def _endless(loader):
         yield from loader
 
 
-def _cpu_seconds() -> float:
-    """CPU time of this process and of its live children (read from /proc where there is one)."""
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    total = usage.ru_utime + usage.ru_stime
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == os.getpid():
-            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return total
-
-
 def _time(batches, n: int, warmup: int) -> tuple[int, float, float]:
     """Samples, seconds and CPU seconds for `n` batches after `warmup` untimed ones."""
     for _ in range(warmup):
         next(batches)
-    samples, start, cpu = 0, time.perf_counter(), _cpu_seconds()
+    samples, start, cpu = 0, time.perf_counter(), cpu_seconds()
     for batch in itertools.islice(batches, n):
         labels = batch["label"] if isinstance(batch, dict) else batch[1]
         samples += len(labels)
-    return samples, time.perf_counter() - start, _cpu_seconds() - cpu
+    return samples, time.perf_counter() - start, cpu_seconds() - cpu
 
 
 def _row(name: str, workers: int, batch: int, samples: int, seconds: float, cpu: float,

@@ -1,4 +1,6 @@
-"""Colour jitter and normalization, in torch on the loader's device, as one matrix per sample.
+"""Colour jitter and normalization, in torch on the loader's device, as one matrix per sample;
+and the one normalization of everything else fed to the model (`normalize`) or drawn from
+its inputs (`denormalize`).
 
 Brightness, contrast, saturation and hue (`draw_augment`'s COLOUR fields) fold
 into a 3x3 matrix and an offset per sample, and the normalization folds into the same
@@ -9,6 +11,7 @@ nearly free. `Loader` runs every batch through a `Normalizer`, whichever backend
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 _YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]],
@@ -85,3 +88,22 @@ class Normalizer:
             for c in range(3):  # the jittered colour stays within 0-255
                 y[:, c].clamp_(self.lo[c], self.hi[c])
         return out.to(self.dtype)
+
+
+def normalize(images, mean, std, device: torch.device | str = "cpu") -> torch.Tensor:
+    """uint8 images (N, H, W, 3) or one (H, W, 3), arrays or tensors -> the loader's
+    normalized float (N, 3, H, W) on `device`: what evaluation and prediction feed the model."""
+    images = np.asarray(images)
+    if not images.flags.writeable:  # as PIL hands arrays out; torch warns about those
+        images = images.copy()
+    x = torch.as_tensor(images).to(device)
+    return Normalizer(mean, std, torch.float32)(x[None] if x.ndim == 3 else x, None)
+
+
+def denormalize(image: torch.Tensor, mean, std) -> np.ndarray:
+    """The loader's normalized float (N, 3, H, W) -> uint8 (N, H, W, 3), for pictures."""
+    x = image.detach().float().cpu()
+    m = torch.as_tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+    s = torch.as_tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+    x = ((x * s + m) * 255.0).round().clamp(0, 255)
+    return x.to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()

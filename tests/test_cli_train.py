@@ -13,10 +13,10 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
+from pipeline.photometric import normalize
 from pipeline.shards import open_shard, read_names, split_shards
 from train.checkpoint import load_checkpoint, model_from_checkpoint
 from train.cli import main
-from train.predict import to_input
 
 FIT = ["--epochs", "2", "--batch-size", "2", "--crop", "32x64", "--width", "4", "--depth", "2",
        "--amp", "off", "--optimizer", "adamw", "--lr", "1e-2", "--workers", "0", "--device",
@@ -80,7 +80,7 @@ def test_evaluate_writes_metrics_that_match_a_hand_computed_confusion(run, shard
     for path, _ in split_shards(shards, json.loads((shards / "manifest.json").read_text()),
                                 "val"):
         with open_shard(path) as f, torch.no_grad():
-            pred = model(to_input(f["image"][()], state["mean"], state["std"], "cpu"))
+            pred = model(normalize(f["image"][()], state["mean"], state["std"], "cpu"))
             pred, label = pred.argmax(1).numpy().ravel(), f["label"][()].ravel()
         keep = label != 255
         np.add.at(mat, (label[keep], pred[keep]), 1)

@@ -13,10 +13,10 @@ from torch import nn
 
 from pipeline.cityscapes import DatasetError
 from pipeline.labels import LABEL_BY_NAME, MappingError, get_mapping
+from pipeline.photometric import normalize
 from pipeline.shards import load_manifest, open_shard, split_shards
 from pipeline.sizes import from_wh, wh
 from train.export import evaluate_full_resolution, score_predictions
-from train.predict import to_input
 
 MAPPING = get_mapping("trainid")
 PALETTE = MAPPING.palette
@@ -116,7 +116,7 @@ def official(monkeypatch):
 
 def _run(datadir, model=None, **kw):
     return evaluate_full_resolution(model or PaletteModel(), datadir, "val", mapping=MAPPING,
-                                    mean=MEAN, std=STD, size=SHARD, losstype="segment",
+                                    mean=MEAN, std=STD, size=SHARD,
                                     device="cpu", amp="off", **kw)
 
 
@@ -187,7 +187,7 @@ def test_the_model_sees_the_pixels_of_the_shards(city, shards):
             shard_images += list(f["image"][()])
     assert len(seen) == len(shard_images) == 4
     for x, image in zip(seen, shard_images):
-        assert torch.equal(x, to_input(image, MEAN, STD, "cpu"))
+        assert torch.equal(x, normalize(image, MEAN, STD, "cpu"))
 
 
 def test_export_reads_the_originals_out_of_the_official_zips(tree, tmp_path):

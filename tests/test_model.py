@@ -15,7 +15,6 @@ from train.losses import (
     build_loss,
     class_weights_from_pixels,
     output_channels,
-    predict_classes,
 )
 from train.model import UNet
 
@@ -118,7 +117,8 @@ def test_reconstruction_round_trip():
     assert output_channels("reconstruction", len(palette)) == 3
     loss = build_loss("reconstruction", palette=palette)(perfect, label)
     assert loss.item() == 0.0
-    pred = predict_classes(perfect + 0.01 * torch.randn_like(perfect), "reconstruction", palette)
+    pred = build_loss("reconstruction", palette=palette).predict(
+        perfect + 0.01 * torch.randn_like(perfect))
     keep = label != 255
     assert torch.equal(pred[keep], label[keep])
     # and a wrong colour costs something
@@ -128,7 +128,8 @@ def test_reconstruction_round_trip():
 def test_segment_prediction_is_argmax():
     outputs = torch.randn(2, 5, 4, 3)
     assert output_channels("segment", 5) == 5
-    assert torch.equal(predict_classes(outputs, "segment", PALETTE[:5]), outputs.argmax(1))
+    assert torch.equal(build_loss("segment", palette=PALETTE[:5]).predict(outputs),
+                       outputs.argmax(1))
 
 
 def test_unknown_losstype():

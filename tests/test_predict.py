@@ -9,10 +9,13 @@ from PIL import Image
 from torch import nn
 
 from pipeline.labels import colorize, get_mapping
-from train.predict import InputError, predict_paths, to_input
-from train.visualize import denormalize, overlay, save_grid
+from pipeline.photometric import denormalize, normalize
+from train.losses import build_loss
+from train.predict import InputError, predict_paths
+from train.visualize import overlay, save_grid
 
 PALETTE = get_mapping("trainid").palette
+SEGMENT = build_loss("segment", palette=PALETTE)
 MEAN, STD = (0.3, 0.4, 0.5), (0.2, 0.25, 0.3)
 
 
@@ -54,7 +57,7 @@ def test_masks_match_images_at_their_own_size(folder, tmp_path, losstype):
     root, labels = folder
     out = tmp_path / "out"
     written = predict_paths(PaletteModel(losstype), [root], out, mean=MEAN, std=STD,
-                            palette=PALETTE, losstype=losstype, device="cpu")
+                            loss=build_loss(losstype, palette=PALETTE), device="cpu")
     expected = [out / f"{s}_{kind}.png" for s in ["a", "b", "sub/c", "sub/d"]
                 for kind in ("mask", "overlay")]
     assert written == expected
@@ -75,7 +78,7 @@ def test_resize_to_training_size_and_back(folder, tmp_path):
     model.register_forward_hook(lambda m, i, o: seen.append(tuple(i[0].shape[-2:])))
     out = tmp_path / "out"
     predict_paths(model, [root / "a.png", root / "sub"], out, mean=MEAN, std=STD,
-                  palette=PALETTE, device="cpu", size=(16, 24))
+                  loss=SEGMENT, device="cpu", size=(16, 24))
     assert seen == [(16, 24)] * 3  # every image predicted at the shards' W x H
     mask = np.asarray(Image.open(out / "a_mask.png"))
     assert mask.shape == (37, 53, 3)  # and the mask is back at the input's size
@@ -88,13 +91,13 @@ def test_resize_to_training_size_and_back(folder, tmp_path):
 def test_model_mode_restored(folder, tmp_path):
     model = PaletteModel().train()
     predict_paths(model, [folder[0] / "a.png"], tmp_path / "o", mean=MEAN, std=STD,
-                  palette=PALETTE, device="cpu")
+                  loss=SEGMENT, device="cpu")
     assert model.training
 
 
 def test_bad_inputs_name_the_file(folder, tmp_path):
     root, _ = folder
-    kw = dict(mean=MEAN, std=STD, palette=PALETTE, device="cpu")
+    kw = dict(mean=MEAN, std=STD, loss=SEGMENT, device="cpu")
     with pytest.raises(InputError, match="missing.png: no such file"):
         predict_paths(PaletteModel(), [root / "missing.png"], tmp_path / "o1", **kw)
     bad = tmp_path / "bad.png"
@@ -130,7 +133,7 @@ def test_save_grid_rows_are_image_truth_prediction(tmp_path):
 
 def test_denormalize_inverts_the_loader_normalization():
     images = np.random.default_rng(1).integers(0, 256, (2, 7, 9, 3), dtype=np.uint8)
-    x = to_input(images, MEAN, STD, "cpu")
+    x = normalize(images, MEAN, STD, "cpu")
     assert x.shape == (2, 3, 7, 9)
     np.testing.assert_array_equal(denormalize(x, MEAN, STD), images)
 

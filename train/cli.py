@@ -288,6 +288,7 @@ def predict(checkpoint: Path, inputs: tuple[Path, ...], out: Path, size: str | N
     """Colorized masks and overlays for any images."""
     from train.checkpoint import load_checkpoint, model_from_checkpoint
     from train.distributed import local_device
+    from train.losses import build_loss
     from train.predict import predict_paths
 
     inference = parse_inference(mode, window, stride, scales, flip, max_windows)
@@ -295,9 +296,9 @@ def predict(checkpoint: Path, inputs: tuple[Path, ...], out: Path, size: str | N
     state = load_checkpoint(checkpoint)
     model = model_from_checkpoint(state, checkpoint, dev)
     shape = sizes.from_wh(state["size"]) if size is None else parse_size(size, order="WxH")
+    loss = build_loss(state["losstype"], palette=state["palette"]).to(dev)
     written = predict_paths(model, list(inputs), out, mean=state["mean"], std=state["std"],
-                            palette=state["palette"], losstype=state["losstype"], device=dev,
-                            size=shape, inference=inference, amp=amp)
+                            loss=loss, device=dev, size=shape, inference=inference, amp=amp)
     click.echo(f"wrote {len(written) // 2} masks and overlays to {out}")
 
 

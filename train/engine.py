@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from train import distributed
 from train.config import AMP_MODES, Config, Interrupted, TrainingError
-from train.losses import predict_classes
+from train.losses import PixelLoss
 from train.metrics import ConfusionMatrix
 
 __all__ = ["AMP_MODES", "Config", "Interrupted", "TrainingError"]  # re-exported for callers
@@ -323,17 +323,18 @@ def train_one_epoch(model: nn.Module, loader, criterion: nn.Module,
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, loader, criterion: nn.Module | None, *, num_classes: int,
-             losstype: str, palette, device: torch.device, amp: str = "off",
-             keep: int = 0, forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
+def evaluate(model: nn.Module, loader, criterion: PixelLoss, *, device: torch.device,
+             amp: str = "off", keep: int = 0, with_loss: bool = True,
+             forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
              ) -> tuple[ConfusionMatrix, float | None, dict | None]:
-    """Confusion matrix over the whole split (summed over ranks), mean loss per image, and the
-    first `keep` images, labels and predictions of this rank (for the pictures).
+    """Confusion matrix over the whole split (summed over ranks), mean loss per image (None
+    without `with_loss`), and the first `keep` images, labels and predictions of this rank
+    (for the pictures). `criterion.predict` turns outputs into classes.
 
     `forward(images) -> outputs` replaces the plain `model(images)` under autocast, e.g. with
     sliding windows or test-time augmentation (train/inference.py)."""
     model.eval()
-    cm = ConfusionMatrix(num_classes, ignore_index=loader.ignore_index, device=device)
+    cm = ConfusionMatrix(loader.num_classes, ignore_index=loader.ignore_index, device=device)
     totals = torch.zeros(2, dtype=torch.float64, device=device)  # loss * images, images
     images, kept = 0, None
     for batch in loader:
@@ -344,9 +345,9 @@ def evaluate(model: nn.Module, loader, criterion: nn.Module | None, *, num_class
         else:
             outputs = forward(image)
         outputs = outputs.float()
-        pred = predict_classes(outputs, losstype, palette)
+        pred = criterion.predict(outputs)
         cm.update(pred, label)
-        if criterion is not None:
+        if with_loss:
             totals[0] += criterion(outputs, label).double() * len(label)
         images += len(label)
         if keep > 0:
@@ -357,5 +358,5 @@ def evaluate(model: nn.Module, loader, criterion: nn.Module | None, *, num_class
     totals[1] = images
     cm.all_reduce()
     distributed.all_reduce_sum(totals)
-    loss = float(totals[0] / totals[1]) if criterion is not None and totals[1] > 0 else None
+    loss = float(totals[0] / totals[1]) if with_loss and totals[1] > 0 else None
     return cm, loss, kept

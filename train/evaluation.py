@@ -66,8 +66,8 @@ def shard_forward(model, inference: Inference, amp: str):
     return forward
 
 
-def evaluate_shards(model, loader, *, inference: Inference, amp: str, device, classes,
-                    categories, palette, losstype: str, scores: dict | None = None) -> dict:
+def evaluate_shards(model, loader, criterion, *, inference: Inference, amp: str, device,
+                    classes, categories, scores: dict | None = None) -> dict:
     """The shard-resolution metrics of `loader`'s split (every rank its block, summed).
 
     `scores` of an evaluation of the same model already done with the plain forward is
@@ -77,8 +77,7 @@ def evaluate_shards(model, loader, *, inference: Inference, amp: str, device, cl
 
     tick = time.perf_counter()
     if scores is None or not inference.plain:
-        cm, _, _ = evaluate(model, loader, None, num_classes=len(classes), losstype=losstype,
-                            palette=palette, device=device, amp=amp,
+        cm, _, _ = evaluate(model, loader, criterion, device=device, amp=amp, with_loss=False,
                             forward=shard_forward(model, inference, amp))
         scores = cm.compute(classes, categories)
     seconds = time.perf_counter() - tick
@@ -93,17 +92,17 @@ def final_inference(cfg) -> Inference:
                      cfg.eval_flip)
 
 
-def final_evaluation(model, loader, *, cfg, dist, inference: Inference, scores: dict | None,
-                     classes, categories, palette, checkpoint: Path) -> dict:
+def final_evaluation(model, loader, criterion, *, cfg, dist, inference: Inference,
+                     scores: dict | None, classes, categories, checkpoint: Path) -> dict:
     """What ends `fit`: the val split scored with --eval-* into RUN/eval-val, the folder
     `citytrain evaluate` writes by default. The epochs' validations stay plain, so their
     mIoU compare with each other and choose best.pt; this one may add windows and TTA."""
-    metrics = evaluate_shards(model, loader, inference=inference, amp=cfg.amp,
+    metrics = evaluate_shards(model, loader, criterion, inference=inference, amp=cfg.amp,
                               device=dist.device, classes=classes, categories=categories,
-                              palette=palette, losstype=cfg.losstype, scores=scores)
+                              scores=scores)
     metrics.update(checkpoint=str(checkpoint), data=str(cfg.data))
     if dist.is_main:
-        write_results(Path(cfg.out) / "eval-val", metrics, classes, palette)
+        write_results(Path(cfg.out) / "eval-val", metrics, classes, criterion.palette)
     return metrics
 
 
@@ -173,6 +172,7 @@ def evaluate_checkpoint(checkpoint: Path, *, data: Path | None, split: str, out:
         model_from_checkpoint,
     )
     from train.export import as_mapping, evaluate_full_resolution, write_submission
+    from train.losses import build_loss
 
     state = load_checkpoint(checkpoint)
     manifest = None
@@ -197,9 +197,10 @@ def evaluate_checkpoint(checkpoint: Path, *, data: Path | None, split: str, out:
     dist = distributed.setup(device)
     try:
         model = model_from_checkpoint(state, checkpoint, dist.device)
+        criterion = build_loss(state["losstype"], palette=state["palette"]).to(dist.device)
         common = dict(mapping=mapping, mean=state["mean"], std=state["std"], size=(h, w),
-                      losstype=state["losstype"], device=dist.device, amp=amp,
-                      inference=inference, rank=dist.rank, world_size=dist.world_size)
+                      loss=criterion, device=dist.device, amp=amp, inference=inference,
+                      rank=dist.rank, world_size=dist.world_size)
         tick = time.perf_counter()
         if submit is not None:
             n = write_submission(model, datadir, split, submit, **common)
@@ -216,17 +217,17 @@ def evaluate_checkpoint(checkpoint: Path, *, data: Path | None, split: str, out:
             loader = build_loader(data, split, batch_size, train=False, mean=state["mean"],
                                   std=state["std"], rank=dist.rank, world_size=dist.world_size,
                                   device=dist.device, workers=workers, backend=backend)
-            metrics = evaluate_shards(model, loader, inference=inference, amp=amp,
+            metrics = evaluate_shards(model, loader, criterion, inference=inference, amp=amp,
                                       device=dist.device, classes=state["classes"],
-                                      categories=state.get("categories"),
-                                      palette=state["palette"], losstype=state["losstype"])
+                                      categories=state.get("categories"))
+            loader.close()
         seconds = time.perf_counter() - tick
         metrics.update(seconds=seconds, images_per_s=metrics["images"] / max(seconds, 1e-9),
                        checkpoint=str(checkpoint), data=None if data is None else str(data),
                        datadir=None if datadir is None else str(datadir),
                        export_official=None if export_official is None else str(export_official))
         if dist.is_main:
-            write_results(out, metrics, state["classes"], state["palette"])
+            write_results(out, metrics, state["classes"], criterion.palette)
             echo(format_metrics(metrics))
             echo(f"wrote {out / 'metrics.json'}, confusion.png, iou.png")
         return metrics

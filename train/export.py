@@ -43,13 +43,13 @@ from pipeline.cityscapes import (
     sibling,
 )
 from pipeline.labels import Mapping, get_mapping
+from pipeline.photometric import normalize
 from pipeline.preprocess import resize_image
 from pipeline.sampling import Plan
 from pipeline.shards import tmp_path_for
 from train.inference import WHOLE, Inference, infer
-from train.losses import predict_classes
+from train.losses import PixelLoss, build_loss
 from train.metrics import ConfusionMatrix, InstanceStats
-from train.predict import to_input
 from train.visualize import write_png
 
 
@@ -128,9 +128,11 @@ class _Run:
     """Everything needed to turn an original image into class ids at its own size."""
 
     def __init__(self, model, *, mapping: Mapping, mean, std, size: tuple[int, int],
-                 losstype: str, device, amp: str, inference: Inference) -> None:
+                 loss: PixelLoss | None, device, amp: str, inference: Inference) -> None:
         self.model, self.mapping, self.mean, self.std = model, mapping, mean, std
-        self.size, self.losstype, self.amp, self.inference = tuple(size), losstype, amp, inference
+        self.size, self.amp, self.inference = tuple(size), amp, inference
+        # a model of --losstype segment unless told: its classes are the argmax
+        self.loss = loss or build_loss("segment", palette=mapping.palette)
         self.device = torch.device(device)
 
     def load(self, item: Item):
@@ -154,12 +156,12 @@ class _Run:
     def predict(self, image: np.ndarray, full: tuple[int, int]) -> torch.Tensor:
         """Class ids (H, W) on the device, at size `full`: uint8 (a fraction of the memory
         traffic of int64 in the scoring that follows) unless there are over 255 classes."""
-        x = to_input(image, self.mean, self.std, self.device)
+        x = normalize(image, self.mean, self.std, self.device)
         s = self.inference
         out = infer(self.model, x, mode=s.mode, window=s.window, stride=s.stride,
                     scales=s.scales, flip=s.flip, max_windows=s.max_windows, amp=self.amp,
                     out_size=full)
-        pred = predict_classes(out, self.losstype, self.mapping.palette)[0]
+        pred = self.loss.predict(out)[0]
         return pred.to(torch.uint8) if self.mapping.num_classes < 256 else pred
 
     def label_png(self, pred: torch.Tensor) -> np.ndarray:
@@ -183,7 +185,7 @@ def evaluate_full_resolution(
     mean,
     std,
     size: tuple[int, int],
-    losstype: str = "segment",
+    loss: PixelLoss | None = None,
     device: str | torch.device = "cpu",
     amp: str = "off",
     inference: Inference = WHOLE,
@@ -193,13 +195,14 @@ def evaluate_full_resolution(
 ) -> dict:
     """Score `split` of the Cityscapes tree `datadir` at the originals' resolution.
 
-    `size` is (H, W) of the training shards, the scale the model sees. Returns
+    `size` is (H, W) of the training shards, the scale the model sees; `loss` the model's
+    (its `predict` reads the outputs; None: a --losstype segment model). Returns
     ConfusionMatrix.compute's dict (iIoU included when the instance PNGs are there) plus
     "images", over all ranks; rank r scores its block of the images (see `rank_share`).
     """
     mapping = as_mapping(mapping)
     items = list_items(datadir, split)
-    run = _Run(model, mapping=mapping, mean=mean, std=std, size=size, losstype=losstype,
+    run = _Run(model, mapping=mapping, mean=mean, std=std, size=size, loss=loss,
                device=device, amp=amp, inference=inference)
     cm = ConfusionMatrix(mapping.num_classes, device=device)
     stats = InstanceStats(mapping, device=device) if items[0].instances is not None else None
@@ -249,7 +252,7 @@ def write_submission(
     mean,
     std,
     size: tuple[int, int],
-    losstype: str = "segment",
+    loss: PixelLoss | None = None,
     device: str | torch.device = "cpu",
     amp: str = "off",
     inference: Inference = WHOLE,
@@ -266,7 +269,7 @@ def write_submission(
     """
     mapping = as_mapping(mapping)
     items = list_items(datadir, split, labels=False)
-    run = _Run(model, mapping=mapping, mean=mean, std=std, size=size, losstype=losstype,
+    run = _Run(model, mapping=mapping, mean=mean, std=std, size=size, loss=loss,
                device=device, amp=amp, inference=inference)
     pngs = []
     was_training = model.training

@@ -206,9 +206,8 @@ def _fit(cfg: Config, dist: distributed.Dist) -> dict:
                 if val_loader is not None and (final or (epoch + 1) % cfg.eval_every == 0):
                     tick = time.perf_counter()
                     cm, val_loss, kept = evaluate(
-                        eval_model, val_loader, criterion, num_classes=len(classes),
-                        losstype=cfg.losstype, palette=palette, device=dist.device,
-                        amp=cfg.amp, keep=cfg.grid_samples if dist.is_main else 0)
+                        eval_model, val_loader, criterion, device=dist.device, amp=cfg.amp,
+                        keep=cfg.grid_samples if dist.is_main else 0)
                     val_loader.close()  # its workers would idle until the next evaluation
                     scores = cm.compute(classes, categories)
                     # evaluation counts against --time-limit too, the same on every rank
@@ -234,9 +233,9 @@ def _fit(cfg: Config, dist: distributed.Dist) -> dict:
                 if final or state.time_up(cfg):
                     break
         if val_loader is not None and row:
-            evaluation.final_evaluation(eval_model, val_loader, cfg=cfg, dist=dist,
+            evaluation.final_evaluation(eval_model, val_loader, criterion, cfg=cfg, dist=dist,
                                         inference=final_inference, scores=scores,
-                                        classes=classes, categories=categories, palette=palette,
+                                        classes=classes, categories=categories,
                                         checkpoint=last_path)
     finally:
         for loader in loaders:

@@ -16,7 +16,7 @@ of `citytrain fit`. Sizes are (H, W) throughout.
   the size the model was trained at (see README "Evaluation").
 
 Outputs are averaged as they come from the model: logits for `--losstype segment`, colours
-for `reconstruction` (`train.losses.predict_classes` turns either into classes).
+for `reconstruction` (`train.losses.PixelLoss.predict` turns either into classes).
 mmsegmentation's TTA averages softmax probabilities instead; the argmax rarely differs.
 """
 

@@ -19,7 +19,8 @@ import torch
 from PIL import Image
 
 from pipeline.labels import colorize
-from train.losses import predict_classes
+from pipeline.photometric import normalize
+from train.losses import PixelLoss
 from train.visualize import overlay, write_png
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -36,22 +37,6 @@ def load_rgb(path: Path) -> np.ndarray:
             return np.array(img.convert("RGB"))
     except (OSError, ValueError) as e:
         raise InputError(f"{path}: cannot read image ({e})") from None
-
-
-def to_input(
-    image: np.ndarray, mean: Sequence[float], std: Sequence[float], device
-) -> torch.Tensor:
-    """uint8 (N, H, W, 3) or (H, W, 3) -> the loader's normalized float (N, 3, H, W)."""
-    image = np.asarray(image)
-    if not image.flags.writeable:  # as PIL hands arrays out; torch warns about those
-        image = image.copy()
-    x = torch.as_tensor(image).to(device)
-    if x.ndim == 3:
-        x = x[None]
-    x = x.permute(0, 3, 1, 2).float() / 255.0
-    m = torch.as_tensor(mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
-    s = torch.as_tensor(std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
-    return ((x - m) / s).contiguous()
 
 
 def find_images(inputs: list[Path], out: Path) -> list[tuple[Path, Path]]:
@@ -84,7 +69,7 @@ def find_images(inputs: list[Path], out: Path) -> list[tuple[Path, Path]]:
 
 @torch.inference_mode()
 def predict_image(
-    model: torch.nn.Module, image: np.ndarray, *, mean, std, palette, losstype: str,
+    model: torch.nn.Module, image: np.ndarray, *, mean, std, loss: PixelLoss,
     device, size: tuple[int, int] | None = None, inference=None, amp: str = "off",
 ) -> np.ndarray:
     """Class ids (H, W) uint8 for one uint8 (H, W, 3) image, at the image's own size.
@@ -98,10 +83,10 @@ def predict_image(
     h, w = image.shape[:2]
     small = image if size is None else resize_image(image, tuple(size))
     s = inference or WHOLE
-    outputs = infer(model, to_input(small, mean, std, device), mode=s.mode, window=s.window,
+    outputs = infer(model, normalize(small, mean, std, device), mode=s.mode, window=s.window,
                     stride=s.stride, scales=s.scales, flip=s.flip, max_windows=s.max_windows,
                     amp=amp, out_size=(h, w))
-    return predict_classes(outputs, losstype, palette)[0].to(torch.uint8).cpu().numpy()
+    return loss.predict(outputs)[0].to(torch.uint8).cpu().numpy()
 
 
 def predict_paths(
@@ -111,8 +96,7 @@ def predict_paths(
     *,
     mean: Sequence[float],
     std: Sequence[float],
-    palette,
-    losstype: str = "segment",
+    loss: PixelLoss,
     device: str | torch.device = "cpu",
     size: tuple[int, int] | None = None,
     inference=None,
@@ -120,7 +104,9 @@ def predict_paths(
 ) -> list[Path]:
     """Predict every image in `inputs` (files or folders); returns the PNGs written.
 
-    `size` is (H, W) of the training shards; None predicts at each image's own size.
+    `loss` is the model's (`build_loss(losstype, palette=...)`): its `predict` reads the
+    outputs and its palette colours the masks. `size` is (H, W) of the training shards; None
+    predicts at each image's own size.
     `inference` (train.inference.Inference) sets windows, scales and flip.
     """
     out = Path(out)
@@ -131,10 +117,9 @@ def predict_paths(
     try:
         for path, stem in images:
             image = load_rgb(path)
-            pred = predict_image(model, image, mean=mean, std=std, palette=palette,
-                                 losstype=losstype, device=device, size=size,
-                                 inference=inference, amp=amp)
-            mask = colorize(pred, palette)
+            pred = predict_image(model, image, mean=mean, std=std, loss=loss, device=device,
+                                 size=size, inference=inference, amp=amp)
+            mask = colorize(pred, loss.palette)
             written.append(write_png(out / f"{stem}_mask.png", mask))
             written.append(write_png(out / f"{stem}_overlay.png", overlay(image, mask)))
     finally:

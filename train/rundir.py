@@ -105,7 +105,8 @@ class RunDir:
     def save_grid(self, epoch: int, kept: dict | None, *, mean, std, palette) -> Path | None:
         if not self.enabled or not kept:
             return None
-        from train.visualize import denormalize, save_grid
+        from pipeline.photometric import denormalize
+        from train.visualize import save_grid
 
         path = self.out / "predictions" / f"epoch_{epoch:03d}" / "val.png"
         return save_grid(denormalize(kept["image"], mean, std), kept["label"], kept["pred"],

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -26,15 +25,6 @@ def write_png(path: Path, array: np.ndarray) -> Path:
     Image.fromarray(np.ascontiguousarray(array)).save(buf, format="PNG")
     atomic_write_bytes(path, buf.getvalue())
     return path
-
-
-def denormalize(image: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
-    """Normalized float NCHW (the loader's `(x/255 - mean)/std`) -> uint8 NHWC."""
-    x = image.detach().float().cpu()
-    m = torch.as_tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
-    s = torch.as_tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
-    x = ((x * s + m) * 255.0).round().clamp(0, 255)
-    return x.to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
 
 
 def overlay(image: np.ndarray, mask_rgb: np.ndarray, alpha: float = 0.5) -> np.ndarray:
