@@ -7,6 +7,8 @@
 - `worker_setup()`: run first in every worker process (loaders, preprocessing): Ctrl-C is
   left to the parent, and a worker exits as soon as its parent dies, however it died
   (SIGKILL and the OOM killer included), instead of lingering with its memory.
+- `worker_error()`: a worker's failure as the user should read it (a shard error unwrapped,
+  a script without a main guard named, with both ways out).
 
 Free of torch: the loader's reader workers import this.
 """
@@ -16,10 +18,14 @@ from __future__ import annotations
 import multiprocessing
 import multiprocessing.connection
 import os
+import re
 import resource
 import signal
+import sys
 import threading
 from pathlib import Path
+
+from pipeline.shards import ShardError
 
 CGROUP = Path("/sys/fs/cgroup")
 
@@ -124,3 +130,59 @@ def worker_setup(*_worker_id: int) -> None:
     if parent is not None and getattr(parent, "sentinel", None) is not None:
         threading.Thread(target=_exit_with_parent, args=(parent.sentinel,), daemon=True,
                          name="exit-with-parent").start()
+
+
+# -- what went wrong in a worker, in words ----------------------------------------------------
+
+def worker_error(e: Exception) -> Exception:
+    """A loader worker's error, as the user should read it.
+
+    A ShardError arrives wrapped in traceback text: unwrapped to its one line. Workers that
+    could not start at all are, nearly always, a script without a main guard: said so.
+    """
+    mark = f"{ShardError.__module__}.{ShardError.__name__}: "
+    lines = [x for x in str(e).splitlines() if x.startswith(mark)]
+    if lines:
+        return ShardError(lines[-1][len(mark):])
+    text = str(e)
+    if "Workers initialization failed" in text or "exited unexpectedly" in text:
+        return RuntimeError(_workers_failed(text))
+    return e
+
+
+GUARD = 'if __name__ == "__main__":'
+
+
+def _unguarded_main() -> str | None:
+    """The main script's path when it has no main guard, else None."""
+    path = getattr(sys.modules.get("__main__"), "__file__", None)
+    try:
+        text = Path(path).read_text() if path and path.endswith(".py") else None
+    except OSError:
+        return None
+    if text is None or re.search(r"""if\s+__name__\s*==\s*['"]__main__['"]\s*:""", text):
+        return None
+    return path
+
+
+def _workers_failed(cause: str) -> str:
+    why = ("they are spawned (safe beside CUDA), and spawn runs the main script again in "
+           "each worker, so a script that builds a loader at its top level builds it again "
+           "in every worker")
+    script = _unguarded_main()
+    if script:
+        return (f"the loader's worker processes could not start: {script} has no "
+                f"`{GUARD}` guard. {why[0].upper()}{why[1:]}. Put the script's code under "
+                f"`{GUARD}`, or build the loader with workers=0 (read in this process)")
+    return (f"the loader's worker processes could not start ({cause.strip()}). If the main "
+            f"script builds the loader at its top level: {why}; put its code under `{GUARD}`, "
+            "or build the loader with workers=0")
+
+
+def refuse_in_starting_worker() -> None:
+    """A worker re-running an unguarded script reaches `build_loader`: end it in one line."""
+    if multiprocessing.parent_process() is not None and \
+            getattr(multiprocessing.current_process(), "_inheriting", False):
+        print(f"error: a loader worker re-ran {_unguarded_main() or 'the main script'} up to "
+              f"build_loader(); put the script under `{GUARD}`", file=sys.stderr)
+        raise SystemExit(1)

@@ -14,9 +14,7 @@ shares all of this module but the geometry kernels.
 
 from __future__ import annotations
 
-import multiprocessing
 import os
-import re
 import sys
 from pathlib import Path
 
@@ -24,7 +22,7 @@ import numpy as np
 import torch
 
 from pipeline.geometry import augment_batch
-from pipeline.host import usable_cpus
+from pipeline.host import refuse_in_starting_worker, usable_cpus, worker_error
 from pipeline.photometric import Normalizer
 from pipeline.sampling import (
     COLOUR,
@@ -38,7 +36,7 @@ from pipeline.sampling import (
     ShardSource,
     check_shards,
 )
-from pipeline.shards import ShardError, load_manifest
+from pipeline.shards import load_manifest
 
 # -- the GPU graph: `params` is the per-sample vector of `draw_augment`; slicing it feeds the
 # same draw to image and label. Both leave as uint8 HWC; `photometric.Normalizer` takes it on.
@@ -182,60 +180,6 @@ class Loader:
         pass
 
 
-def worker_error(e: Exception) -> Exception:
-    """A worker's error, as the user should read it.
-
-    A ShardError arrives wrapped in traceback text: unwrapped to its one line. Workers that
-    could not start at all are, nearly always, a script without a main guard: said so.
-    """
-    mark = f"{ShardError.__module__}.{ShardError.__name__}: "
-    lines = [x for x in str(e).splitlines() if x.startswith(mark)]
-    if lines:
-        return ShardError(lines[-1][len(mark):])
-    text = str(e)
-    if "Workers initialization failed" in text or "exited unexpectedly" in text:
-        return RuntimeError(_workers_failed(text))
-    return e
-
-
-GUARD = 'if __name__ == "__main__":'
-
-
-def _unguarded_main() -> str | None:
-    """The main script's path when it has no main guard, else None."""
-    path = getattr(sys.modules.get("__main__"), "__file__", None)
-    try:
-        text = Path(path).read_text() if path and path.endswith(".py") else None
-    except OSError:
-        return None
-    if text is None or re.search(r"""if\s+__name__\s*==\s*['"]__main__['"]\s*:""", text):
-        return None
-    return path
-
-
-def _workers_failed(cause: str) -> str:
-    why = ("they are spawned (safe beside CUDA), and spawn runs the main script again in "
-           "each worker, so a script that builds a loader at its top level builds it again "
-           "in every worker")
-    script = _unguarded_main()
-    if script:
-        return (f"the loader's worker processes could not start: {script} has no "
-                f"`{GUARD}` guard. {why[0].upper()}{why[1:]}. Put the script's code under "
-                f"`{GUARD}`, or build the loader with workers=0 (read in this process)")
-    return (f"the loader's worker processes could not start ({cause.strip()}). If the main "
-            f"script builds the loader at its top level: {why}; put its code under `{GUARD}`, "
-            "or build the loader with workers=0")
-
-
-def _refuse_in_starting_worker() -> None:
-    """A worker re-running an unguarded script reaches `build_loader`: end it in one line."""
-    if multiprocessing.parent_process() is not None and \
-            getattr(multiprocessing.current_process(), "_inheriting", False):
-        print(f"error: a loader worker re-ran {_unguarded_main() or 'the main script'} up to "
-              f"build_loader(); put the script under `{GUARD}`", file=sys.stderr)
-        raise SystemExit(1)
-
-
 class DaliLoader(Loader):
     backend = "dali"
 
@@ -354,14 +298,14 @@ def build_loader(data_dir: str | Path, split: str, batch_size: int, *, train: bo
                  world_size: int = 1, seed: int = 0, device: torch.device | str = "auto",
                  workers: int | None = None, dtype: torch.dtype = torch.float32,
                  channels_last: bool = False, backend: str = "auto") -> Loader:
-    """A loader over `split` of the shard folder `data_dir`; see "Loader contract" in DESIGN.md.
+    """A loader over `split` of the shard folder `data_dir`; the contract is in docs/design.md.
 
     `crop` is (H, W); `workers` reader processes (None: `default_workers`; 0: read in this
     process); `backend` "dali", "torch" or "auto" (DALI when importable). `device` is
     the process's device as `train.distributed.setup` chose it (a string goes through the same
     `local_device`), so model and loader always agree.
     """
-    _refuse_in_starting_worker()
+    refuse_in_starting_worker()
     if batch_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"need batch_size >= 1 and 0 <= rank < world_size, got {batch_size}, "
                          f"{rank}, {world_size}")

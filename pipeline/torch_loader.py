@@ -12,8 +12,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from pipeline.geometry import pad, scale_crop_flip
-from pipeline.host import worker_setup
-from pipeline.loader import Loader, worker_error
+from pipeline.host import worker_error, worker_setup
+from pipeline.loader import Loader
 from pipeline.sampling import Augment, Plan, Position, ShardReader, draw_augment
 from pipeline.shards import ShardError
 
