@@ -321,7 +321,7 @@ def build_loader(data_dir: str | Path, split: str, batch_size: int, *, train: bo
             _noticed.append(True)
     elif backend == "dali" and not dali_available():
         raise ImportError("backend='dali' needs nvidia-dali (Linux x86_64); use backend='torch'")
-    if not isinstance(device, torch.device):
+    if not isinstance(device, torch.device) or (device.type == "cuda" and device.index is None):
         from train.distributed import local_device  # the one owner of the device choice
 
         device = local_device(device)

@@ -231,3 +231,41 @@ def test_compile_with_ddp_and_sync_batchnorm_is_refused_with_the_reason():
     with pytest.raises(TrainingError, match="--compile with several processes needs "
                                             "--no-sync-bn: SyncBatchNorm"):
         fit_module._fit(cfg, two)
+
+
+def _fp16_like_run(optimizer, model, steps: int = 3) -> None:
+    """Steps under a GradScaler whose first step overflows and is skipped, as fp16's often do."""
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**18)
+    x = torch.ones(2, 3, 8, 8)
+    for i in range(steps):
+        optimizer.zero_grad()
+        loss = model(x).float().mean() * (1e36 if i == 0 else 1.0)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+
+
+def test_fused_sgd_survives_a_skipped_first_step():
+    """On CUDA the optimizer is fused; its momentum must not start from uninitialised memory
+    when GradScaler skips the first step (the fused CPU kernel shows the same)."""
+    cfg = tiny("unused", "unused")
+    runs = []
+    for fused in (False, True):
+        torch.manual_seed(0)
+        model = torch.nn.Conv2d(3, 4, 3)
+        _fp16_like_run(engine.build_optimizer(model, cfg, fused=fused), model)
+        runs.append(model.weight.detach().clone())
+    torch.testing.assert_close(runs[1], runs[0])
+
+
+def test_a_checkpoint_of_another_kernel_resumes_under_the_grad_scaler():
+    """A CPU run's optimizer state loaded into a fused (CUDA) optimizer keeps it fused."""
+    cfg = tiny("unused", "unused")
+    model = torch.nn.Conv2d(3, 4, 3)
+    plain = engine.build_optimizer(model, cfg, fused=False)
+    _fp16_like_run(plain, model, steps=2)
+    fused = engine.build_optimizer(model, cfg, fused=True)
+    engine.load_optimizer_state(fused, plain.state_dict())
+    assert all(group["fused"] for group in fused.param_groups)
+    _fp16_like_run(fused, model, steps=2)  # GradScaler hands it its device-side inf check
+    assert torch.isfinite(model.weight).all()

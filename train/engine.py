@@ -54,14 +54,12 @@ def set_tf32(enabled: bool) -> None:
 
     PyTorch's own defaults differ between the two (convolutions on, matmuls off); a run says
     which it wants. With `--amp bf16|fp16` it only touches the ops autocast leaves in fp32.
+    These are the settings every reader understands: torch >= 2.9's per-backend
+    `fp32_precision` alone would make torch's own readers of the older flags (inductor's
+    autotuning, torch.utils.benchmark, cudnn.flags()) raise on the mix of old and new.
     """
-    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):  # torch >= 2.9
-        precision = "tf32" if enabled else "ieee"
-        torch.backends.cuda.matmul.fp32_precision = precision
-        torch.backends.cudnn.conv.fp32_precision = precision
-    else:
-        torch.backends.cuda.matmul.allow_tf32 = enabled
-        torch.backends.cudnn.allow_tf32 = enabled
+    torch.set_float32_matmul_precision("high" if enabled else "highest")
+    torch.backends.cudnn.allow_tf32 = enabled
 
 
 def cuda_speed_settings(device: torch.device, *, tf32: bool) -> dict:
@@ -78,7 +76,9 @@ def cuda_speed_settings(device: torch.device, *, tf32: bool) -> dict:
     return {"tf32": tf32, "cudnn_benchmark": True}
 
 
-def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, cfg: Config, *, fused: bool | None = None) \
+        -> torch.optim.Optimizer:
+    """SGD or AdamW over the model; `fused` kernels (None: on CUDA)."""
     # Weight decay on conv kernels only: decaying BatchNorm scales and biases just hurts.
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
@@ -86,12 +86,36 @@ def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
               {"params": no_decay, "weight_decay": 0.0}]
     # On CUDA the fused kernels take GradScaler's inf check on the device; the others read it
     # back (`found_inf.item()`) every fp16 step, and the host waits for the GPU there.
-    fused = {"fused": True} if next(model.parameters()).device.type == "cuda" else {}
+    if fused is None:
+        fused = next(model.parameters()).device.type == "cuda"
+    fused = {"fused": True} if fused else {}
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.resolved_lr(), momentum=cfg.momentum, **fused)
+        opt = torch.optim.SGD(groups, lr=cfg.resolved_lr(), momentum=cfg.momentum, **fused)
+        if fused and cfg.momentum:
+            # Fused SGD makes its momentum buffers on the first step with empty_like and skips
+            # writing them when GradScaler finds an overflow (common in fp16's first steps):
+            # garbage momentum for the whole run. Zero buffers give the same first step
+            # (buf = momentum * 0 + grad) and survive a skipped one.
+            for p in decay + no_decay:
+                opt.state[p]["momentum_buffer"] = torch.zeros_like(p)
+        return opt
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.resolved_lr(), **fused)
     raise ValueError(f"optimizer must be sgd or adamw, not {cfg.optimizer!r}")
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """`optimizer.load_state_dict`, keeping this run's kernel choice (fused or not).
+
+    The saved param groups replace the optimizer's own, `fused` included: a checkpoint of a
+    CPU run would turn a CUDA optimizer built fused into a non-fused one that GradScaler still
+    hands its device-side inf check to, and the first fp16 step would fail.
+    """
+    optimizer.load_state_dict(state)
+    for group in optimizer.param_groups:
+        for key in ("fused", "foreach"):
+            if key in optimizer.defaults:
+                group[key] = optimizer.defaults[key]
 
 
 def train_step(model: nn.Module, batch: dict, criterion: nn.Module,

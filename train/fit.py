@@ -46,6 +46,7 @@ from train.engine import (
     build_optimizer,
     cuda_speed_settings,
     evaluate,
+    load_optimizer_state,
     train_one_epoch,
 )
 from train.losses import build_loss, class_weights_from_pixels, output_channels
@@ -147,7 +148,7 @@ def _fit(cfg: Config, dist: distributed.Dist) -> dict:
         check_arch(saved, arch, last_path)
         check_classes(saved, classes, last_path, cfg.data)
         load_model_weights(model, saved, last_path)
-        optimizer.load_state_dict(saved["optimizer"])
+        load_optimizer_state(optimizer, saved["optimizer"])
         scaler.load_state_dict(saved["scaler"])
         set_rng_state(saved["rng"], dist.device)
         state.epoch, state.step, state.elapsed = saved["epoch"], saved["step"], saved["elapsed"]

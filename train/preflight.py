@@ -1,11 +1,12 @@
 """Before training: will one step fit? Measured on a small probe, not learned from the OOM killer.
 
 A U-Net step's memory is a fixed part (the process, weights, gradients, optimizer state) plus
-activations that grow linearly with the images' pixels. Two probe steps of the configured
-model and precision on this device, at batch 1 and 2 on a crop of half the height and width,
-give both parts (the optimizer's state, created after the first step's peak, is added from
-the parameter count); the configured batch follows by extrapolation. The probes take seconds
-where the real step could take the whole host.
+activations that grow linearly with the images' pixels. Probe steps of the configured model
+and precision on this device, at batch 1 and 2 on a crop of half the height and width, give
+both parts; the configured batch follows by extrapolation. On a GPU the second of two steps
+is measured (the first includes cuDNN's autotuning); on the CPU one step, the optimizer's
+state (created after its peak) added from the parameter count. The probes take seconds where
+the real step could take the whole host.
 
 On CUDA it is measured with the allocator's peak (`max_memory_allocated`) against the GPU's
 free memory; on the CPU with the process's peak resident size (reset through
@@ -96,6 +97,7 @@ def probe(cfg: Config, num_classes: int, crop: tuple[int, int], device: torch.de
     h, w = (max(m, crop[0] // 2 // m * m), max(m, crop[1] // 2 // m * m))
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
     peaks = []
+    gpu = device.type == "cuda"
     _malloc_trim()
     for batch in (1, 2):
         _reset_peak(device)
@@ -109,6 +111,9 @@ def probe(cfg: Config, num_classes: int, crop: tuple[int, int], device: torch.de
                     memory_format=fmt),
                 "label": torch.zeros(batch, h, w, dtype=torch.long, device=device)}
         train_step(model, data, criterion, optimizer, scaler, amp=cfg.amp)
+        if gpu:  # steps are cheap there: measure the second, past cuDNN's autotuning
+            _reset_peak(device)  # (its trial workspaces), with the optimizer state held
+            train_step(model, data, criterion, optimizer, scaler, amp=cfg.amp)
         peaks.append(_peak(device))
         params = sum(p.numel() * p.element_size() for p in model.parameters())
         del model, optimizer, scaler, criterion, data
@@ -118,8 +123,9 @@ def probe(cfg: Config, num_classes: int, crop: tuple[int, int], device: torch.de
         else:  # hand freed memory back, or the next probe's peak starts from this one's
             _malloc_trim()
     per_pixel = max(0.0, (peaks[1] - peaks[0]) / (h * w))
-    # from the second step on, the optimizer's buffers stay through every peak
-    buffers = {"sgd": 1 if cfg.momentum else 0, "adamw": 2}.get(cfg.optimizer, 2)
+    # On the CPU the one step measured made the optimizer's buffers after its peak; from the
+    # second step on they stay through every peak (on a GPU the second step held them).
+    buffers = 0 if gpu else {"sgd": 1 if cfg.momentum else 0, "adamw": 2}.get(cfg.optimizer, 2)
     return Estimate(fixed=max(0.0, peaks[0] - per_pixel * h * w) + buffers * params,
                     per_pixel=per_pixel)
 
