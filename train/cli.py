@@ -21,10 +21,11 @@ from pathlib import Path
 import click
 
 from pipeline import sizes
-from train.config import AgreedError, Config, Interrupted, TrainingError
+from train.config import AMP_MODES, AgreedError, Config, Interrupted, TrainingError
 
 DEFAULTS = Config()
 BACKENDS = click.Choice(["auto", "dali", "torch"])
+AMPS = click.Choice(list(AMP_MODES))
 
 
 def _errors():
@@ -163,7 +164,7 @@ def main() -> None:
 @click.option("--losstype", default=DEFAULTS.losstype,
               type=click.Choice(["segment", "reconstruction"]))
 @click.option("--class-weights", is_flag=True, help="ENet class weights from the manifest.")
-@click.option("--amp", default=DEFAULTS.amp, type=click.Choice(["bf16", "fp16", "off"]),
+@click.option("--amp", default=DEFAULTS.amp, type=AMPS,
               help="Autocast dtype; the loss is fp32 either way, fp16 adds a GradScaler.")
 @click.option("--tf32/--no-tf32", default=DEFAULTS.tf32,
               help="TF32 for fp32 matmuls and convolutions on CUDA; --amp off --no-tf32 is "
@@ -238,7 +239,7 @@ def fit(compile_: bool, crop: str, scale: str, data: Path, out: Path, init: Path
 @inference_options()
 @click.option("--batch-size", default=4, type=click.IntRange(1),
               help="Images per batch at shard resolution.")
-@click.option("--amp", default="off", type=click.Choice(["bf16", "fp16", "off"]))
+@click.option("--amp", default="off", type=AMPS)
 @click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--workers", type=click.IntRange(0), default=None)
 @click.option("--backend", default="auto", type=BACKENDS)
@@ -278,7 +279,7 @@ def evaluate(checkpoint: Path, data: Path | None, split: str, out: Path | None,
 @click.option("--size", default=None,
               help="Resize to WxH for the model [the training shards' size]; 'full' = as is.")
 @inference_options()
-@click.option("--amp", default="off", type=click.Choice(["bf16", "fp16", "off"]),
+@click.option("--amp", default="off", type=AMPS,
               help="Autocast the model to this precision.")
 @click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]))
 @friendly_errors
@@ -305,7 +306,7 @@ def predict(checkpoint: Path, inputs: tuple[Path, ...], out: Path, size: str | N
 @main.command()
 @click.option("--crop", default="512x1024", help="HxW of the synthetic batch.")
 @click.option("--batch-size", default=8, type=click.IntRange(1))
-@click.option("--amp", default="bf16", type=click.Choice(["bf16", "fp16", "off"]))
+@click.option("--amp", default="bf16", type=AMPS)
 @click.option("--width", default=64, type=click.IntRange(1))
 @click.option("--depth", default=4, type=click.IntRange(1))
 @click.option("--classes", "num_classes", default=19, type=click.IntRange(1))
@@ -374,7 +375,7 @@ def gpu_report(out: Path, budget: float) -> None:
               "first.")
 @click.option("--max-windows", default=4, type=click.IntRange(1),
               help="Windows per forward pass.")
-@click.option("--amp", default="off", type=click.Choice(["bf16", "fp16", "off"]),
+@click.option("--amp", default="off", type=AMPS,
               help="Autocast the model to this precision.")
 @click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]),
               help="Where to run [the GPU when there is one].")

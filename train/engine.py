@@ -25,14 +25,14 @@ from torch import nn
 from tqdm import tqdm
 
 from train import distributed
-from train.config import AMP_MODES, Config, Interrupted, TrainingError
+from train.config import Config, Interrupted, TrainingError
 from train.losses import PixelLoss
 from train.metrics import ConfusionMatrix
 
-__all__ = ["AMP_MODES", "Config", "Interrupted", "TrainingError"]  # re-exported for callers
+__all__ = ["Config", "Interrupted", "TrainingError"]  # re-exported for callers
 
 
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}  # of AMP_MODES
 
 
 def lr_factor(step: int, total_steps: int, warmup: int, time_fraction: float = 0.0) -> float:

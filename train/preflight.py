@@ -91,8 +91,9 @@ def _peak(device: torch.device) -> float:
 
 def probe(cfg: Config, num_classes: int, crop: tuple[int, int], device: torch.device) \
         -> Estimate:
-    """A real training step of a throwaway copy of the model at batch 1 and one at batch 2,
-    on a crop of half the height and width; returns the fitted fixed and per-pixel memory."""
+    """Real training steps of a throwaway copy of the model at batch 1 and at batch 2 (two
+    each on a GPU, the second measured), on a crop of half the height and width; returns the
+    fitted fixed and per-pixel memory."""
     m = 2 ** cfg.depth
     h, w = (max(m, crop[0] // 2 // m * m), max(m, crop[1] // 2 // m * m))
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
