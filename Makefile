@@ -11,6 +11,8 @@ DATA ?= $(OUT)
 GPUS ?= 1
 EPOCHS ?= 100
 RUN ?= runs/cityscapes-$(SIZE)
+# An ImageNet ResNet-50 under the U-Net decoder (README, "Models"); ENCODER=plain: from scratch
+ENCODER ?= resnet50
 # The DALI build: cuda13 matches torch's default wheels; CUDA=12 for a CUDA 12 torch.
 CUDA ?= 13
 OTHER_CUDA := $(if $(filter 12,$(CUDA)),13,12)
@@ -42,10 +44,11 @@ preprocess: install
 	$(BIN)/cityprep preprocess --datadir $(DATADIR) --out $(OUT) --size $(SIZE)
 
 # One process first checks that a step fits in memory for all $(GPUS) (one clear message
-# rather than the OOM killer, or torchrun's page for a failed rank); then torchrun.
+# rather than the OOM killer, or torchrun's page for a failed rank), fetching the encoder's
+# ImageNet weights into torch's hub cache on the way; then torchrun.
 train: install
-	LOCAL_WORLD_SIZE=$(GPUS) $(BIN)/citytrain fit --data $(DATA) --out $(RUN) --epochs $(EPOCHS) $(ARGS) --preflight-only
-	$(BIN)/torchrun --standalone --nproc_per_node=$(GPUS) -m train.cli fit --data $(DATA) --out $(RUN) --epochs $(EPOCHS) $(ARGS) --no-preflight
+	LOCAL_WORLD_SIZE=$(GPUS) $(BIN)/citytrain fit --data $(DATA) --out $(RUN) --epochs $(EPOCHS) --encoder $(ENCODER) $(ARGS) --preflight-only
+	$(BIN)/torchrun --standalone --nproc_per_node=$(GPUS) -m train.cli fit --data $(DATA) --out $(RUN) --epochs $(EPOCHS) --encoder $(ENCODER) $(ARGS) --no-preflight
 
 # every rank scores its share; ARGS e.g. "--datadir $(DATADIR) --mode slide --window 512x1024"
 evaluate: install
@@ -61,6 +64,8 @@ bench: install
 	else \
 		for amp in off bf16; do $(BIN)/citytrain bench --crop 128x256 --width 16 --depth 4 \
 			--steps 6 --device cpu --amp $$amp || exit 1; done; \
+		$(BIN)/citytrain bench --encoder all --crop 128x256 --width 16 --depth 4 --steps 6 \
+			--device cpu --amp off --json runs/bench/models.json || exit 1; \
 	fi
 
 # On a CUDA machine: the GPU figures (a few minutes), then the suite with its CUDA-only tests.

@@ -30,7 +30,7 @@ from train.checkpoint import (
 )
 from train.engine import Interrupted
 from train.fit import fit
-from train.model import UNet
+from train.models.plain import UNet
 
 
 def _rows(run) -> list[dict]:

@@ -20,7 +20,7 @@ from train.config import Config
 from train.fit import fit
 from train.losses import build_loss
 from train.metrics import ConfusionMatrix
-from train.model import UNet
+from train.models.plain import UNet
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="needs a CUDA GPU (these check what the CPU cannot)")

@@ -17,7 +17,7 @@ from train.checkpoint import CheckpointError, init_from_checkpoint, load_checkpo
 from train.cli import main as citytrain
 from train.engine import TrainingError
 from train.fit import fit
-from train.model import UNet
+from train.models.plain import UNet
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,8 @@ from train.checkpoint import load_checkpoint, save_checkpoint
 from train.engine import EpochEnd, RunState, Stopper, TrainingError, train_one_epoch
 from train.fit import fit
 from train.losses import build_loss
-from train.model import UNet
+from train.models import registry
+from train.models.plain import UNet
 
 
 class _Placed(Exception):
@@ -64,7 +65,7 @@ def test_model_and_loader_get_the_same_gpu(make_dataset, monkeypatch, visible, l
             raise _Placed
 
     monkeypatch.setattr(fit_module, "build_loader", recording_build)
-    monkeypatch.setattr(fit_module, "UNet", PlacedModel)
+    monkeypatch.setitem(registry._BUILDERS, "plain", PlacedModel)
     with pytest.raises(_Placed):
         fit(replace(tiny(data, "unused"), device="auto", workers=0, preflight=False))
     assert seen == {"loaders": [gpu], "model": gpu}

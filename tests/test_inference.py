@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from train.inference import Inference, InferenceError, infer, window_starts, windows
-from train.model import UNet
+from train.models.plain import UNet
 
 
 def mmseg_grid(h, w, crop, stride):

@@ -16,7 +16,8 @@ from train.losses import (
     class_weights_from_pixels,
     output_channels,
 )
-from train.model import UNet
+from train.models import build_model
+from train.models.plain import UNet
 
 PALETTE = get_mapping("trainid").palette
 
@@ -54,7 +55,7 @@ def test_unet_respects_width_and_depth(depth, width):
     assert convs[-1].out_channels == 7
     assert not any(isinstance(m, nn.Tanh) for m in model.modules())  # logits out
     # config is what checkpoints store: it rebuilds the same architecture
-    clone = UNet(**model.config)
+    clone = build_model(**model.config)
     assert {k: v.shape for k, v in clone.state_dict().items()} == {
         k: v.shape for k, v in model.state_dict().items()
     }

@@ -18,7 +18,7 @@ from train.checkpoint import load_checkpoint
 from train.engine import Config, TrainingError, lr_factor, train_step
 from train.fit import fit
 from train.losses import build_loss
-from train.model import UNet
+from train.models.plain import UNet
 
 CLASSES = (0, 2, 8, 10, 13)  # road, building, vegetation, sky, car (trainid)
 

@@ -21,7 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from train.distributed import local_device
 from train.engine import AMP_DTYPES, Config, build_optimizer, cuda_speed_settings, train_step
 from train.losses import build_loss
-from train.model import UNet
+from train.models import model_from_config, settings_taken
 
 
 def _sync(device: torch.device) -> None:
@@ -52,8 +52,23 @@ def measure_matmul_tflops(device: torch.device, amp: str, n: int | None = None,
     return 2 * n**3 * count / (time.perf_counter() - start) / 1e12
 
 
+def bench_model(encoder: str, num_classes: int, *, width: int, depth: int) -> torch.nn.Module:
+    """Model `encoder` with random weights (speed only); `width`/`depth` where it takes them."""
+    shape = {k: v for k, v in {"width": width, "depth": depth}.items()
+             if k in settings_taken(encoder)}
+    return model_from_config(Config(encoder=encoder, **shape), num_classes, pretrained=False)
+
+
+def describe(model: torch.nn.Module) -> str:
+    c = model.config
+    if c["encoder"] == "plain":
+        return f"U-Net width {c['width']} depth {c['depth']}"
+    return f"{c['encoder']} U-Net"
+
+
 def run_bench(*, crop: tuple[int, int] = (512, 1024), batch_size: int = 8, amp: str = "bf16",
-              width: int = 64, depth: int = 4, num_classes: int = 19, steps: int = 20,
+              encoder: str = "plain", width: int = 64, depth: int = 4, num_classes: int = 19,
+              steps: int = 20,
               warmup_steps: int = 3, optimizer: str = "sgd", compile: bool = False,
               channels_last: bool = False, device: str | torch.device = "auto",
               tf32: bool = False, peak_tflops: float | None = None) -> dict:
@@ -62,7 +77,8 @@ def run_bench(*, crop: tuple[int, int] = (512, 1024), batch_size: int = 8, amp: 
     cuda_speed_settings(dev, tf32=tf32)
     torch.manual_seed(0)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    model = UNet(num_classes, width=width, depth=depth).to(dev, memory_format=fmt).train()
+    model = bench_model(encoder, num_classes, width=width, depth=depth)
+    model = model.to(dev, memory_format=fmt).train()
     criterion = build_loss("segment", palette=np.zeros((num_classes, 3), np.uint8)).to(dev)
     opt = build_optimizer(model, Config(optimizer=optimizer))
     scaler = torch.amp.GradScaler(dev.type, enabled=amp == "fp16")
@@ -102,7 +118,8 @@ def run_bench(*, crop: tuple[int, int] = (512, 1024), batch_size: int = 8, amp: 
     achieved = flops / seconds / 1e12
     return {
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-        "crop": [h, w], "batch_size": batch_size, "amp": amp, "width": width, "depth": depth,
+        "crop": [h, w], "batch_size": batch_size, "amp": amp, "encoder": encoder,
+        "model": describe(model), "width": width, "depth": depth,
         "compile": compile, "channels_last": channels_last, "tf32": tf32, "steps": steps,
         "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
         "step_time_s": seconds, "images_per_s": batch_size / seconds,
@@ -114,7 +131,7 @@ def run_bench(*, crop: tuple[int, int] = (512, 1024), batch_size: int = 8, amp: 
 
 def format_report(r: dict) -> str:
     return "\n".join([
-        f"U-Net width {r['width']} depth {r['depth']} ({r['params_m']:.2f} M params), crop "
+        f"{r['model']} ({r['params_m']:.2f} M params), crop "
         f"{r['crop'][0]}x{r['crop'][1]}, batch {r['batch_size']}, amp {r['amp']}, compile "
         f"{r['compile']}, channels_last {r['channels_last']}, on {r['device']}",
         f"  images/s          {r['images_per_s']:.2f}  ({r['step_time_s'] * 1e3:.1f} ms/step)",
@@ -126,22 +143,39 @@ def format_report(r: dict) -> str:
     ])
 
 
+def format_table(reports: list[dict]) -> str:
+    """One line per model, the first row's images/s the ratios' base."""
+    base = reports[0]["images_per_s"]
+    lines = [f"{'model':<28} {'params':>8} {'GFLOP/img':>10} {'images/s':>9} "
+             f"{'vs first':>8} {'MFU':>6}"]
+    for r in reports:
+        lines.append(f"{r['model']:<28} {r['params_m']:>7.1f}M {r['gflops_per_image']:>10.1f} "
+                     f"{r['images_per_s']:>9.2f} {r['images_per_s'] / base:>7.2f}x "
+                     f"{r['mfu']:>6.1%}")
+    r = reports[0]
+    lines.append(f"(training steps, crop {r['crop'][0]}x{r['crop'][1]}, batch "
+                 f"{r['batch_size']}, amp {r['amp']}, on {r['device']}; GFLOP forward + "
+                 "backward)")
+    return "\n".join(lines)
+
+
 # -- inference: whole, slide, slide + flip + scales; scoring against the official evaluator ---
 
-def run_inference_bench(*, size: tuple[int, int] = (1024, 2048), width: int = 16,
-                        depth: int = 4, num_classes: int = 19,
+def run_inference_bench(*, size: tuple[int, int] = (1024, 2048), encoder: str = "plain",
+                        width: int = 16, depth: int = 4, num_classes: int = 19,
                         window: tuple[int, int] = (512, 1024),
                         stride: tuple[int, int] | None = None,
                         scales: tuple[float, ...] = (0.75, 1.0, 1.25), images: int = 2,
                         warmup: int = 1, max_windows: int = 4, amp: str = "off",
                         device: str = "auto") -> dict:
     """Images/s of train.inference.infer on one (H, W) image for whole, slide, and slide with
-    flip and `scales`, with a U-Net of `width`/`depth` (random weights: speed only)."""
+    flip and `scales`, with model `encoder` (plain: of `width`/`depth`; random weights:
+    speed only)."""
     from train.inference import Inference, infer
 
     dev = local_device(device)
     torch.manual_seed(0)
-    model = UNet(num_classes, width=width, depth=depth).to(dev).eval()
+    model = bench_model(encoder, num_classes, width=width, depth=depth).to(dev).eval()
     x = torch.randn(1, 3, *size, device=dev)
     settings = {
         "whole": Inference(max_windows=max_windows),
@@ -169,13 +203,14 @@ def run_inference_bench(*, size: tuple[int, int] = (1024, 2048), width: int = 16
             row["peak_memory_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
         rows.append(row)
     return {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-            "threads": torch.get_num_threads(), "size": list(size), "width": width,
-            "depth": depth, "amp": amp, "images": images, "rows": rows}
+            "threads": torch.get_num_threads(), "size": list(size), "encoder": encoder,
+            "model": describe(model), "width": width, "depth": depth, "amp": amp,
+            "images": images, "rows": rows}
 
 
 def format_inference_report(r: dict) -> str:
     h, w = r["size"]
-    lines = [f"inference on {h}x{w} (HxW), U-Net width {r['width']} depth {r['depth']}, amp "
+    lines = [f"inference on {h}x{w} (HxW), {r['model']}, amp "
              f"{r['amp']}, on {r['device']} ({r['threads']} threads), {r['images']} images"]
     base = r["rows"][0]["images_per_s"]
     for row in r["rows"]:

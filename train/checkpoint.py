@@ -3,8 +3,10 @@
 A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts, so loading one from
 elsewhere cannot run code:
 
-    format, format_version, model (state_dict), arch (the UNet's config), classes, categories,
-    palette, mean, std, losstype, size ([W, H] of the training shards), optimizer, scheduler,
+    format, format_version, model (state_dict), arch (the model's config: build_model(**arch)),
+    classes, categories, palette, mean, std, normalization ("dataset" or the pretrained
+    weights whose mean/std these are), losstype, size ([W, H] of the training shards),
+    optimizer, scheduler,
     scaler, epoch (epochs finished), step (optimizer steps), loader (its state_dict),
     rng (torch / numpy / python / cuda), best_miou, metrics, config, elapsed
 """
@@ -22,6 +24,7 @@ import numpy as np
 import torch
 
 from pipeline.shards import atomic_write_bytes
+from train.models.registry import arch_of
 
 FORMAT = "cityseg-checkpoint"
 FORMAT_VERSION = 1
@@ -72,7 +75,11 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
 
 def check_arch(state: dict, arch: dict, path: Path) -> None:
     """The checkpoint's model must be the one this run builds."""
-    saved = state.get("arch", {})
+    saved = arch_of(state.get("arch", {}))
+    if saved["encoder"] != arch.get("encoder"):
+        raise CheckpointError(
+            f"{path}: checkpoint holds a {saved['encoder']} model, this run builds "
+            f"{arch.get('encoder')}: pass --encoder {saved['encoder']} to use it")
     diff = sorted(k for k in set(saved) | set(arch) if saved.get(k) != arch.get(k))
     if diff:
         have = ", ".join(f"{k}={saved.get(k)}" for k in diff)
@@ -131,14 +138,20 @@ def init_from_checkpoint(model: torch.nn.Module, path: Path, *, classes: list[st
                                   f"{state.get('losstype')}, this run uses {losstype}{hint}")
         check_arch(state, arch, path)
     else:
-        check_arch(state, {**arch, "num_classes": state.get("arch", {}).get("num_classes")},
-                   path)
+        check_arch(state, {**arch, "num_classes": arch_of(state.get("arch", {}))
+                           .get("num_classes")}, path)
         fresh = {k: v for k, v in model.state_dict().items() if k.startswith("head.")}
         weights = {**{k: v for k, v in weights.items() if not k.startswith("head.")}, **fresh}
     load_model_weights(model, {"model": weights}, path)
     return {"checkpoint": str(path), "head": head, "epoch": state.get("epoch"),
             "step": state.get("step"), "classes": list(state.get("classes", [])),
-            "metrics": state.get("metrics")}
+            "metrics": state.get("metrics"), **normalization_of(state)}
+
+
+def normalization_of(state: dict) -> dict[str, Any]:
+    """The mean/std a checkpoint's model was trained with, and where they came from."""
+    return {"mean": [float(v) for v in state["mean"]], "std": [float(v) for v in state["std"]],
+            "normalization": state.get("normalization", "dataset")}
 
 
 def rng_state(device: torch.device | None = None) -> dict[str, Any]:
@@ -180,11 +193,11 @@ def set_rng_state(state: dict[str, Any], device: torch.device | None = None) -> 
 
 def model_from_checkpoint(state: dict, path: Path, device: str | torch.device = "cpu") \
         -> torch.nn.Module:
-    """The U-Net a checkpoint describes, with its weights, in eval mode on `device`."""
-    from train.model import UNet
+    """The model a checkpoint describes, with its weights, in eval mode on `device`."""
+    from train.models import build_model
 
     try:
-        model = UNet(**state["arch"])
+        model = build_model(**arch_of(state["arch"]))
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: cannot rebuild the model from {state.get('arch')} "
                               f"({e})") from None

@@ -34,10 +34,11 @@ def _errors():
     from pipeline.shards import ShardError
     from train.checkpoint import CheckpointError
     from train.inference import InferenceError
+    from train.models import ModelError, WeightsError
     from train.predict import InputError
 
     return (ShardError, MappingError, DatasetError, CheckpointError, InputError, TrainingError,
-            InferenceError)
+            InferenceError, ModelError, WeightsError)
 
 
 def friendly_errors(fn):
@@ -87,6 +88,19 @@ def _scales(text: str) -> tuple[float, ...]:
         raise click.BadParameter(f"expected positive numbers like 0.75,1.0,1.25, got {text!r}") \
             from None
     return scales
+
+
+def _widths(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        widths = tuple(int(v) for v in text.split(","))
+        if min(widths) < 1:
+            raise ValueError
+    except ValueError:
+        raise click.BadParameter(f"expected channel counts like 256,128,64,32,16, got "
+                                 f"{text!r}") from None
+    return widths
 
 
 def inference_options(prefix: str = "", max_windows: bool = True):
@@ -158,9 +172,24 @@ def main() -> None:
               help="Iterations of linear LR warmup.")
 @click.option("--clip-grad", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Clip the global gradient norm to this.")
-@click.option("--width", default=DEFAULTS.width, type=click.IntRange(1))
-@click.option("--depth", default=DEFAULTS.depth, type=click.IntRange(1))
-@click.option("--upsample", default=DEFAULTS.upsample, type=click.Choice(["bilinear", "transpose"]))
+@click.option("--encoder", default=DEFAULTS.encoder,
+              help="The model: plain (the U-Net from scratch) or a torchvision backbone under "
+                   "a U-Net decoder, e.g. resnet50, convnext_tiny; `citytrain models` lists "
+                   "them.")
+@click.option("--weights", default=DEFAULTS.weights, metavar="imagenet|none|PATH",
+              help="An encoder's start: torchvision's ImageNet weights (downloaded once into "
+                   "torch's hub cache), none (from scratch), or a torchvision state dict file.")
+@click.option("--decoder", default=None, metavar="W,W,...",
+              help="An encoder's decoder widths at strides 16, 8, 4, 2, 1 [256,128,64,32,16].")
+@click.option("--encoder-lr-mult", default=DEFAULTS.encoder_lr_mult,
+              type=click.FloatRange(min=0, min_open=True),
+              help="The encoder's LR is the peak LR times this (e.g. 0.1 for pretrained).")
+@click.option("--width", default=DEFAULTS.width, type=click.IntRange(1),
+              help="plain: channels at full resolution.")
+@click.option("--depth", default=DEFAULTS.depth, type=click.IntRange(1),
+              help="plain: poolings.")
+@click.option("--upsample", default=DEFAULTS.upsample, type=click.Choice(["bilinear", "transpose"]),
+              help="plain: how the decoder upsamples.")
 @click.option("--losstype", default=DEFAULTS.losstype,
               type=click.Choice(["segment", "reconstruction"]))
 @click.option("--class-weights", is_flag=True, help="ENet class weights from the manifest.")
@@ -202,8 +231,8 @@ def main() -> None:
 @inference_options("eval-", max_windows=False)
 @friendly_errors
 def fit(compile_: bool, crop: str, scale: str, data: Path, out: Path, init: Path | None,
-        eval_mode: str, eval_window: str | None, eval_stride: str | None, eval_scales: str,
-        eval_flip: bool, **kwargs) -> None:
+        decoder: str | None, eval_mode: str, eval_window: str | None, eval_stride: str | None,
+        eval_scales: str, eval_flip: bool, **kwargs) -> None:
     """Train a U-Net; writes config, metrics, TensorBoard events, checkpoints, pictures.
 
     Every validation runs the plain model; the --eval-* options apply to the evaluation after
@@ -215,8 +244,9 @@ def fit(compile_: bool, crop: str, scale: str, data: Path, out: Path, init: Path
                             prefix="eval-")
     run_fit(Config(data=str(data), out=str(out), compile=compile_, crop=parse_size(crop),
                    scale=_range(scale), init=str(init) if init else None,
-                   eval_mode=final.mode, eval_window=final.window, eval_stride=final.stride,
-                   eval_scales=final.scales, eval_flip=final.flip, **kwargs))
+                   decoder=_widths(decoder), eval_mode=final.mode, eval_window=final.window,
+                   eval_stride=final.stride, eval_scales=final.scales, eval_flip=final.flip,
+                   **kwargs))
 
 
 @main.command()
@@ -307,8 +337,10 @@ def predict(checkpoint: Path, inputs: tuple[Path, ...], out: Path, size: str | N
 @click.option("--crop", default="512x1024", help="HxW of the synthetic batch.")
 @click.option("--batch-size", default=8, type=click.IntRange(1))
 @click.option("--amp", default="bf16", type=AMPS)
-@click.option("--width", default=64, type=click.IntRange(1))
-@click.option("--depth", default=4, type=click.IntRange(1))
+@click.option("--encoder", "encoders", default=DEFAULTS.encoder, metavar="NAME[,NAME...]|all",
+              help="The model(s) to time, one after the other (`citytrain models`).")
+@click.option("--width", default=64, type=click.IntRange(1), help="plain: its width.")
+@click.option("--depth", default=4, type=click.IntRange(1), help="plain: its depth.")
 @click.option("--classes", "num_classes", default=19, type=click.IntRange(1))
 @click.option("--steps", default=20, type=click.IntRange(1), help="Timed steps.")
 @click.option("--warmup-steps", default=3, type=click.IntRange(0), help="Untimed steps first.")
@@ -323,18 +355,60 @@ def predict(checkpoint: Path, inputs: tuple[Path, ...], out: Path, size: str | N
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None,
               help="Also write the figures here.")
 @friendly_errors
-def bench(crop: str, compile_: bool, json_out: Path | None, **kwargs) -> None:
-    """Training throughput, peak memory and model FLOPs utilisation on a synthetic batch."""
-    from train.bench import format_report, run_bench
+def bench(crop: str, compile_: bool, encoders: str, json_out: Path | None, **kwargs) -> None:
+    """Training throughput, peak memory and model FLOPs utilisation on a synthetic batch;
+    with several --encoder, a table of them last."""
+    from train.bench import format_report, format_table, run_bench
 
     size = parse_size(crop)
     if size is None:
         raise click.BadParameter("bench needs a crop HxW", param_hint="--crop")
-    report = run_bench(crop=size, compile=compile_, **kwargs)
-    click.echo(format_report(report))
+    reports = []
+    for encoder in _model_names(encoders):
+        reports.append(run_bench(crop=size, compile=compile_, encoder=encoder, **kwargs))
+        click.echo(format_report(reports[-1]))
+    if len(reports) > 1:
+        click.echo(format_table(reports))
     if json_out is not None:
         json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(json.dumps(report, indent=1) + "\n")
+        json_out.write_text(json.dumps(reports[0] if len(reports) == 1 else reports,
+                                       indent=1) + "\n")
+
+
+def _model_names(text: str) -> list[str]:
+    from train.models import get_model_builder, list_models
+
+    names = list_models() if text == "all" else [n.strip() for n in text.split(",") if n.strip()]
+    for name in names:
+        get_model_builder(name)  # an unknown name: the error lists the known ones
+    return names
+
+
+@main.command()
+@click.option("--size", default="1024x512", metavar="WxH",
+              help="Image size the GFLOPs are counted at.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@friendly_errors
+def models(size: str, as_json: bool) -> None:
+    """Every model `fit --encoder` takes: parameters, forward GFLOPs on one image, and the
+    ImageNet weights it starts from (name, top-1, the mean/std they expect)."""
+    from train.models import list_models, model_card
+
+    shape = parse_size(size, order="WxH")
+    cards = [model_card(name, shape) for name in list_models()]
+    if as_json:
+        click.echo(json.dumps(cards, indent=1))
+        return
+    click.echo(f"{'model':<18} {'params':>8} {'GFLOPs':>8}  {'ImageNet weights':<40} "
+               f"{'top-1':>6}  mean / std")
+    for c in cards:
+        weights = c["weights"] or "- (from scratch; the data's mean/std)"
+        top1 = f"{c['top1']:.2f}" if c["top1"] is not None else ""
+        norm = f"{c['mean']} / {c['std']}" if c["mean"] else ""
+        click.echo(f"{c['name']:<18} {c['params_m']:>7.1f}M {c['gflops']:>8.1f}  "
+                   f"{weights:<40} {top1:>6}  {norm}")
+    click.echo(f"GFLOPs: one forward pass at {shape[1]}x{shape[0]} (WxH), counted by "
+               "torch.utils.flop_counter; plain at its defaults (--width 64 --depth 4)")
 
 
 @main.command("gpu-report")
@@ -364,9 +438,10 @@ def gpu_report(out: Path, budget: float) -> None:
 
 @main.command("bench-inference")
 @click.option("--size", default="1024x2048", help="HxW of the synthetic image.")
-@click.option("--width", default=16, type=click.IntRange(1),
-              help="U-Net width (random weights: speed only).")
-@click.option("--depth", default=4, type=click.IntRange(1), help="U-Net depth.")
+@click.option("--encoder", default=DEFAULTS.encoder, help="The model (random weights: speed "
+              "only).")
+@click.option("--width", default=16, type=click.IntRange(1), help="plain: U-Net width.")
+@click.option("--depth", default=4, type=click.IntRange(1), help="plain: U-Net depth.")
 @click.option("--window", default="512x1024", help="Slide window HxW.")
 @click.option("--stride", default=None, help="Slide stride HxW [2/3 of the window].")
 @click.option("--scales", default="0.75,1.0,1.25", help="Scales of the TTA row.")

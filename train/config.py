@@ -24,10 +24,14 @@ class Config:
     jitter: float = 0.2
     workers: int | None = None
     backend: str = "auto"
-    # model and loss
-    width: int = 64
-    depth: int = 4
-    upsample: str = "bilinear"
+    # model (train/models: `citytrain models` lists them) and loss
+    encoder: str = "plain"  # the U-Net from scratch, or a torchvision backbone
+    weights: str = "imagenet"  # imagenet | none | PATH: a torchvision encoder's start
+    decoder: tuple[int, ...] | None = None  # an encoder's decoder widths; None: its default
+    encoder_lr_mult: float = 1.0  # the encoder's LR is the peak LR times this
+    width: int = 64  # plain only
+    depth: int = 4  # plain only
+    upsample: str = "bilinear"  # plain only
     losstype: str = "segment"
     class_weights: bool = False  # ENet weights from the manifest's class pixel counts
     # optimisation

@@ -78,12 +78,28 @@ def cuda_speed_settings(device: torch.device, *, tf32: bool) -> dict:
 
 def build_optimizer(model: nn.Module, cfg: Config, *, fused: bool | None = None) \
         -> torch.optim.Optimizer:
-    """SGD or AdamW over the model; `fused` kernels (None: on CUDA)."""
-    # Weight decay on conv kernels only: decaying BatchNorm scales and biases just hurts.
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": cfg.resolved_weight_decay()},
-              {"params": no_decay, "weight_decay": 0.0}]
+    """SGD or AdamW over the model; `fused` kernels (None: on CUDA).
+
+    Each group's `lr_scale` multiplies the scheduled LR: `cfg.encoder_lr_mult` for the
+    parameters under `encoder.` (pretrained features want smaller steps than a fresh decoder).
+    """
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    parts = [([p for _, p in params], 1.0)]
+    if cfg.encoder_lr_mult != 1.0:
+        encoder = [p for n, p in params if n.startswith("encoder.")]
+        if not encoder:
+            raise TrainingError(f"--encoder-lr-mult: the {cfg.encoder} model has no "
+                                "pretrained encoder (no parameters under encoder.)")
+        # the rest first: param_groups[0]["lr"] is the schedule's LR that metrics.csv logs
+        parts = [([p for n, p in params if not n.startswith("encoder.")], 1.0),
+                 (encoder, cfg.encoder_lr_mult)]
+    groups = []
+    for part, scale in parts:
+        # Weight decay on conv kernels only: decaying BatchNorm scales and biases just hurts.
+        groups += [{"params": [p for p in part if p.ndim >= 2], "lr_scale": scale,
+                    "weight_decay": cfg.resolved_weight_decay()},
+                   {"params": [p for p in part if p.ndim < 2], "lr_scale": scale,
+                    "weight_decay": 0.0}]
     # On CUDA the fused kernels take GradScaler's inf check on the device; the others read it
     # back (`found_inf.item()`) every fp16 step, and the host waits for the GPU there.
     if fused is None:
@@ -96,7 +112,7 @@ def build_optimizer(model: nn.Module, cfg: Config, *, fused: bool | None = None)
             # writing them when GradScaler finds an overflow (common in fp16's first steps):
             # garbage momentum for the whole run. Zero buffers give the same first step
             # (buf = momentum * 0 + grad) and survive a skipped one.
-            for p in decay + no_decay:
+            for _, p in params:
                 opt.state[p]["momentum_buffer"] = torch.zeros_like(p)
         return opt
     if cfg.optimizer == "adamw":
@@ -332,7 +348,7 @@ def train_one_epoch(model: nn.Module, loader, criterion: nn.Module,
             time_fraction = state.elapsed / cfg.time_limit if cfg.time_limit else 0.0
             lr = lr0 * lr_factor(state.step, state.total_steps, cfg.warmup, time_fraction)
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group.get("lr_scale", 1.0)
             loss = train_step(model, batch, criterion, optimizer, scaler, amp=cfg.amp,
                               clip_grad=cfg.clip_grad)
             done += 1

@@ -1,10 +1,10 @@
 """`fit`: wires the loader, model, loss, optimizer, checkpoints and run directory together.
 
-Read top to bottom: check the run directory, build both loaders (the manifest's mean/std
-normalise both splits), the U-Net, loss and optimizer, resume if asked, then the epoch loop:
-train, evaluate, log, checkpoint, stop on a signal or when time runs out; last, the final
-evaluation into OUT/eval-val (train/evaluation.py). The per-step and per-epoch machinery
-lives in `train/engine.py`.
+Read top to bottom: check the run directory, build the model (train/models), both loaders
+(normalised as the model's weights expect), loss and optimizer, resume if asked, then the
+epoch loop: train, evaluate, log, checkpoint, stop on a signal or when time runs out; last,
+the final evaluation into OUT/eval-val (train/evaluation.py). The per-step and per-epoch
+machinery lives in `train/engine.py`.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from train.checkpoint import (
     init_from_checkpoint,
     load_checkpoint,
     load_model_weights,
+    normalization_of,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -50,7 +51,7 @@ from train.engine import (
     train_one_epoch,
 )
 from train.losses import build_loss, class_weights_from_pixels, output_channels
-from train.model import UNet
+from train.models import ModelError, model_from_config
 from train.rundir import RunDir
 
 
@@ -93,25 +94,44 @@ def _fit(cfg: Config, dist: distributed.Dist) -> dict:
     seed_everything(cfg.seed)
     speed = cuda_speed_settings(dist.device, tf32=cfg.tf32)
 
-    # data: the manifest's mean/std normalise both splits
-    common = dict(rank=dist.rank, world_size=dist.world_size, seed=cfg.seed,
-                  device=dist.device, workers=cfg.workers, channels_last=cfg.channels_last,
-                  backend=cfg.backend)
-    shards = sizes.from_wh(load_manifest(Path(cfg.data))["config"]["size"])
+    # model: its weights from a checkpoint (resume, --init) or its own (pretrained or fresh)
+    manifest = load_manifest(Path(cfg.data))
+    saved = load_checkpoint(last_path) if cfg.resume else None
+    try:
+        model = model_from_config(cfg, output_channels(cfg.losstype, len(manifest["classes"])),
+                                  pretrained=not (cfg.resume or cfg.init))
+    except ModelError as e:
+        raise TrainingError(str(e)) from None
+    arch = dict(model.config)
+    init = None
+    if cfg.init:  # before SyncBatchNorm and DDP: every rank loads the same weights
+        init = init_from_checkpoint(model, Path(cfg.init), classes=list(manifest["classes"]),
+                                    losstype=cfg.losstype, data=cfg.data, head=cfg.init_head)
+    # the images as the weights saw them: the checkpoint's, the pretrained weights' mean/std,
+    # or the train split's own (manifest) for a model from scratch
+    if saved is not None or init is not None:
+        norm = normalization_of(saved if saved is not None else init)
+    elif model.normalization is not None:
+        norm = {**model.normalization, "normalization": model.normalization["weights"]}
+    else:
+        norm = {"mean": manifest["mean"], "std": manifest["std"], "normalization": "dataset"}
+    mean, std = [float(v) for v in norm["mean"]], [float(v) for v in norm["std"]]
+
+    # data
+    common = dict(rank=dist.rank, world_size=dist.world_size, seed=cfg.seed, mean=mean,
+                  std=std, device=dist.device, workers=cfg.workers,
+                  channels_last=cfg.channels_last, backend=cfg.backend)
     train_loader = build_loader(cfg.data, cfg.train_split, cfg.batch_size, train=True,
-                                crop=cfg.crop or shards,
+                                crop=cfg.crop or sizes.from_wh(manifest["config"]["size"]),
                                 scale=cfg.scale, flip=cfg.flip, jitter=cfg.jitter, **common)
     if len(train_loader) == 0:
         raise TrainingError(f"{cfg.data}: the {cfg.train_split} split has "
                             f"{train_loader.num_samples} "
                             f"samples, fewer than one batch of {cfg.batch_size} per process "
                             f"x {dist.world_size} processes; lower --batch-size")
-    manifest = train_loader.manifest
-    mean, std = [float(v) for v in train_loader.mean], [float(v) for v in train_loader.std]
     val_loader = None
     if "val" in manifest["splits"]:
-        val_loader = build_loader(cfg.data, "val", cfg.batch_size, train=False, mean=mean,
-                                  std=std, **common)
+        val_loader = build_loader(cfg.data, "val", cfg.batch_size, train=False, **common)
     classes, categories = list(train_loader.classes), list(manifest["categories"])
     palette = np.asarray(train_loader.palette, dtype=np.uint8)
     memory = None
@@ -125,14 +145,7 @@ def _fit(cfg: Config, dist: distributed.Dist) -> dict:
                        "it fits")
             return memory
 
-    # model, loss, optimizer
-    model = UNet(output_channels(cfg.losstype, len(classes)), width=cfg.width, depth=cfg.depth,
-                 upsample=cfg.upsample)
-    arch = dict(model.config)
-    init = None
-    if cfg.init:  # before SyncBatchNorm and DDP: every rank loads the same weights
-        init = init_from_checkpoint(model, Path(cfg.init), classes=classes, losstype=cfg.losstype,
-                                    data=cfg.data, head=cfg.init_head)
+    # loss, optimizer
     if dist.distributed and cfg.sync_bn:
         model = distributed.convert_sync_batchnorm(model, dist.device)
     model.to(dist.device, memory_format=torch.channels_last if cfg.channels_last
@@ -143,8 +156,7 @@ def _fit(cfg: Config, dist: distributed.Dist) -> dict:
     optimizer = build_optimizer(model, cfg)
     scaler = torch.amp.GradScaler(dist.device.type, enabled=cfg.amp == "fp16")
     state = RunState(total_steps=cfg.epochs * len(train_loader))
-    if cfg.resume:
-        saved = load_checkpoint(last_path)
+    if saved is not None:
         check_arch(saved, arch, last_path)
         check_classes(saved, classes, last_path, cfg.data)
         load_model_weights(model, saved, last_path)
@@ -171,6 +183,7 @@ def _fit(cfg: Config, dist: distributed.Dist) -> dict:
         "config": asdict(cfg), "world_size": dist.world_size, "device": str(dist.device),
         "cuda_settings": speed, "preflight": memory,
         "model": arch, "classes": classes, "mean": mean, "std": std,
+        "normalization": norm["normalization"],
         "data": {"manifest_config": manifest["config"],
                  "samples": {s: v["samples"] for s, v in manifest["splits"].items()}},
         "steps_per_epoch": len(train_loader), "resumed_from_step": state.step or None,
@@ -178,7 +191,8 @@ def _fit(cfg: Config, dist: distributed.Dist) -> dict:
     })
     # what a checkpoint says of the model and data: the same all run long
     about = {"arch": arch, "classes": classes, "categories": categories,
-             "palette": palette.tolist(), "mean": mean, "std": std, "losstype": cfg.losstype,
+             "palette": palette.tolist(), "mean": mean, "std": std,
+             "normalization": norm["normalization"], "losstype": cfg.losstype,
              "ignore_index": int(train_loader.ignore_index),
              "size": list(manifest["config"]["size"]),
              "mapping": manifest["config"].get("mapping_def")}

@@ -31,7 +31,7 @@ from train import distributed
 from train.config import AgreedError, Config
 from train.engine import build_optimizer, train_step
 from train.losses import build_loss, output_channels
-from train.model import UNet
+from train.models import model_from_config, settings_taken
 
 GB = 1e9
 # Resident memory of one loader worker process (measured: a DALI reader ~200 MB; a torch
@@ -44,6 +44,7 @@ MARGIN = 1.1  # allocator fragmentation, cuDNN workspaces, the loader's own batc
 class Estimate:
     fixed: float  # bytes: the process, weights, gradients, optimizer state
     per_pixel: float  # bytes per pixel of the batch (images x H x W)
+    multiple: int = 1  # the model pads its input to a multiple of this
 
     def need(self, batch: int, pixels: int) -> float:
         return MARGIN * (self.fixed + self.per_pixel * batch * pixels)
@@ -94,16 +95,16 @@ def probe(cfg: Config, num_classes: int, crop: tuple[int, int], device: torch.de
     """Real training steps of a throwaway copy of the model at batch 1 and at batch 2 (two
     each on a GPU, the second measured), on a crop of half the height and width; returns the
     fitted fixed and per-pixel memory."""
-    m = 2 ** cfg.depth
-    h, w = (max(m, crop[0] // 2 // m * m), max(m, crop[1] // 2 // m * m))
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
     peaks = []
     gpu = device.type == "cuda"
     _malloc_trim()
     for batch in (1, 2):
         _reset_peak(device)
-        model = UNet(output_channels(cfg.losstype, num_classes), width=cfg.width,
-                     depth=cfg.depth, upsample=cfg.upsample)
+        model = model_from_config(cfg, output_channels(cfg.losstype, num_classes),
+                                  pretrained=False)
+        m = model.size_multiple
+        h, w = (max(m, crop[0] // 2 // m * m), max(m, crop[1] // 2 // m * m))
         model = model.to(device, memory_format=fmt).train()
         optimizer = build_optimizer(model, cfg)
         scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
@@ -128,7 +129,7 @@ def probe(cfg: Config, num_classes: int, crop: tuple[int, int], device: torch.de
     # second step on they stay through every peak (on a GPU the second step held them).
     buffers = 0 if gpu else {"sgd": 1 if cfg.momentum else 0, "adamw": 2}.get(cfg.optimizer, 2)
     return Estimate(fixed=max(0.0, peaks[0] - per_pixel * h * w) + buffers * params,
-                    per_pixel=per_pixel)
+                    per_pixel=per_pixel, multiple=m)
 
 
 def _crop_that_fits(estimate: Estimate, budget: float, batch: int, crop: tuple[int, int],
@@ -164,7 +165,7 @@ def check_fits(cfg: Config, dist: distributed.Dist, num_classes: int, crop: tupl
     # take one decision and rank 0's message is every rank's
     agreed = torch.tensor([estimate.fixed, estimate.per_pixel, -budget], dtype=torch.float64)
     fixed, per_pixel, budget = distributed.all_reduce_max(agreed.to(dist.device)).tolist()
-    estimate, budget = Estimate(fixed, per_pixel), -budget
+    estimate, budget = Estimate(fixed, per_pixel, estimate.multiple), -budget
     pixels = crop[0] * crop[1]
     step = estimate.need(cfg.batch_size, pixels)
     workers_bytes = 0.0 if gpu else 2 * workers * WORKER_BYTES.get(backend, GB) * ranks
@@ -178,20 +179,23 @@ def check_fits(cfg: Config, dist: distributed.Dist, num_classes: int, crop: tupl
     batch = int((per_rank / MARGIN - estimate.fixed) // max(estimate.per_pixel * pixels, 1e-9))
     if batch >= 1:
         hints.append(f"--batch-size {min(batch, cfg.batch_size - 1)}")
-    small = _crop_that_fits(estimate, per_rank, cfg.batch_size, crop, 2 ** cfg.depth)
+    small = _crop_that_fits(estimate, per_rank, cfg.batch_size, crop, estimate.multiple)
     if small:
         hints.append(f"--crop {small[0]}x{small[1]}")
+    plain = "width" in settings_taken(cfg.encoder)
     width = cfg.width // 2
-    while width >= 1 and estimate.need(cfg.batch_size, pixels) * width / cfg.width > per_rank:
+    while plain and width >= 1 and \
+            estimate.need(cfg.batch_size, pixels) * width / cfg.width > per_rank:
         width //= 2
-    if width >= 1:
+    if plain and width >= 1:
         hints.append(f"--width {width} (about)")
     if cfg.amp == "off":
         hints.append("--amp bf16 (about half the activations)")
     who = f"{ranks} processes on this host" if ranks > 1 else "this process"
     raise AgreedError(
         f"not enough memory: one training step at batch {cfg.batch_size}, crop "
-        f"{crop[0]}x{crop[1]}, width {cfg.width}, --amp {cfg.amp} needs about {step / GB:.1f} "
+        f"{crop[0]}x{crop[1]}, " + (f"width {cfg.width}" if plain else cfg.encoder)
+        + f", --amp {cfg.amp} needs about {step / GB:.1f} "
         f"GB per process, {total / GB:.1f} GB for {who}"
         + (" with their loader workers" if workers_bytes else "")
         + f", against {budget / GB:.1f} GB {where}. It would fit with "

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from train.models.registry import register_model
+
 UPSAMPLE_MODES = ("bilinear", "transpose")
 
 
@@ -74,10 +76,13 @@ class UNet(nn.Module):
                 f"UNet needs positive sizes (num_classes={num_classes}, "
                 f"in_channels={in_channels}, width={width}, depth={depth})"
             )
-        # Checkpoints store this and rebuild the model with UNet(**config).
-        self.config = {"num_classes": num_classes, "in_channels": in_channels,
-                       "width": width, "depth": depth, "upsample": upsample}
+        # Checkpoints store this and rebuild the model with build_model(**config).
+        self.config = {"encoder": "plain", "num_classes": num_classes,
+                       "in_channels": in_channels, "width": width, "depth": depth,
+                       "upsample": upsample}
         self.depth = depth
+        self.size_multiple = 2**depth
+        self.normalization = None  # from scratch: the dataset's own mean/std
         widths = [width * 2**i for i in range(depth + 1)]
         self.inc = DoubleConv(in_channels, width)
         self.downs = nn.ModuleList(Down(widths[i], widths[i + 1]) for i in range(depth))
@@ -102,3 +107,11 @@ class UNet(nn.Module):
         for up in self.ups:
             x = up(x, skips.pop())
         return self.head(x)[..., :h, :w]
+
+
+@register_model("plain")
+def plain(num_classes: int, *, in_channels: int = 3, width: int = 64, depth: int = 4,
+          upsample: str = "bilinear") -> UNet:
+    """The U-Net from scratch: `--width` channels at full resolution, doubled `--depth` times."""
+    return UNet(num_classes, in_channels=in_channels, width=width, depth=depth,
+                upsample=upsample)
