@@ -34,10 +34,11 @@ def _errors():
     from pipeline.shards import ShardError
     from train.checkpoint import CheckpointError
     from train.inference import InferenceError
+    from train.onnx_runtime import OnnxError
     from train.predict import InputError
 
     return (ShardError, MappingError, DatasetError, CheckpointError, InputError, TrainingError,
-            InferenceError)
+            InferenceError, OnnxError)
 
 
 def friendly_errors(fn):
@@ -301,6 +302,33 @@ def predict(checkpoint: Path, inputs: tuple[Path, ...], out: Path, size: str | N
     written = predict_paths(model, list(inputs), out, mean=state["mean"], std=state["std"],
                             loss=loss, device=dev, size=shape, inference=inference, amp=amp)
     click.echo(f"wrote {len(written) // 2} masks and overlays to {out}")
+
+
+@main.command()
+@click.option("--checkpoint", required=True, type=click.Path(path_type=Path))
+@click.option("--format", "format_", default="onnx", type=click.Choice(["onnx"]),
+              help="The file format.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="e.g. model.onnx")
+@click.option("--argmax", is_flag=True,
+              help="Output uint8 class ids (trainIds) per pixel instead of float logits.")
+@click.option("--check-size", default=None, metavar="WxH",
+              help="Image size of the parity check [the checkpoint's training size]; an odd "
+                   "size near it is checked too.")
+@click.option("--atol", default=1e-3, type=click.FloatRange(min=0),
+              help="Largest absolute logit difference to PyTorch that passes.")
+@click.option("--min-identical", default=0.9999, type=click.FloatRange(0, 1),
+              help="Smallest share of pixels of the same class as PyTorch's that passes.")
+@friendly_errors
+def export(checkpoint: Path, format_: str, out: Path, argmax: bool, check_size: str | None,
+           atol: float, min_identical: float) -> None:
+    """A checkpoint's model as an ONNX file: uint8 RGB NHWC in (any batch and size,
+    normalization inside), logits or class ids out, classes/palette/mapping in its metadata;
+    written only after onnxruntime matches PyTorch on a few images."""
+    from train.onnx_export import export_onnx
+
+    export_onnx(checkpoint, out, argmax=argmax, size=parse_size(check_size, order="WxH"),
+                atol=atol, min_identical=min_identical, echo=click.echo)
+    click.echo(f"wrote {out}")
 
 
 @main.command()
