@@ -434,7 +434,11 @@ def gpu_report(out: Path, budget: float) -> None:
 
 
 @main.command("bench-inference")
-@click.option("--size", default="1024x2048", help="HxW of the synthetic image.")
+@click.option("--size", default=None,
+              help="HxW of the synthetic image [1024x2048; with --onnx 512x1024 and 1024x2048].")
+@click.option("--onnx", is_flag=True,
+              help="Instead: onnxruntime against PyTorch on the whole image, the same exported "
+                   "model (uint8 in, logits out).")
 @click.option("--width", default=16, type=click.IntRange(1),
               help="U-Net width (random weights: speed only).")
 @click.option("--depth", default=4, type=click.IntRange(1), help="U-Net depth.")
@@ -453,15 +457,25 @@ def gpu_report(out: Path, budget: float) -> None:
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None,
               help="Also write the figures here.")
 @friendly_errors
-def bench_inference(size: str, window: str, stride: str | None, scales: str,
-                    json_out: Path | None, **kwargs) -> None:
-    """Images/s of whole, slide, and slide + flip + scales inference on one image."""
-    from train.bench import format_inference_report, run_inference_bench
+def bench_inference(size: str | None, onnx: bool, window: str, stride: str | None,
+                    scales: str, json_out: Path | None, **kwargs) -> None:
+    """Images/s of whole, slide, and slide + flip + scales inference on one image; with
+    --onnx, of onnxruntime and PyTorch."""
+    if onnx:
+        from train.onnx_bench import SIZES, format_runtime_report, run_runtime_bench
 
-    report = run_inference_bench(size=parse_size(size), window=parse_size(window),
-                                 stride=parse_size(stride) if stride else None,
-                                 scales=_scales(scales), **kwargs)
-    click.echo(format_inference_report(report))
+        report = run_runtime_bench(sizes=(parse_size(size),) if size else SIZES,
+                                   **{k: kwargs[k] for k in ("width", "depth", "images",
+                                                             "warmup", "device")})
+        click.echo(format_runtime_report(report))
+    else:
+        from train.bench import format_inference_report, run_inference_bench
+
+        report = run_inference_bench(size=parse_size(size or "1024x2048"),
+                                     window=parse_size(window),
+                                     stride=parse_size(stride) if stride else None,
+                                     scales=_scales(scales), **kwargs)
+        click.echo(format_inference_report(report))
     if json_out is not None:
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(report, indent=1) + "\n")

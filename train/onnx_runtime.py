@@ -67,7 +67,7 @@ def open_session(path: Path, device: str | torch.device = "auto", threads: int |
     if not path.is_file():
         raise OnnxError(f"{path}: no such ONNX file")
     options = ort.SessionOptions()
-    options.log_severity_level = 3  # errors only: its warnings are about its own fallbacks
+    options.log_severity_level = 4  # none: its failures come back as exceptions, worded here
     if threads:
         options.intra_op_num_threads = threads
     try:
