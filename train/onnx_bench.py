@@ -81,7 +81,8 @@ def format_runtime_report(r: dict) -> str:
              f"{r['images']} images per row; onnxruntime {r['provider']}"]
     for row in r["rows"]:
         h, w = row["size"]
-        lines.append(f"  {w}x{h} (WxH)  PyTorch {row['torch_images_per_s']:7.3f} images/s   "
+        lines.append(f"  {f'{w}x{h}':>9} (WxH)  PyTorch {row['torch_images_per_s']:7.3f} "
+                     "images/s   "
                      f"onnxruntime {row['onnx_images_per_s']:7.3f} images/s   "
                      f"({row['onnx_images_per_s'] / row['torch_images_per_s']:.2f}x, "
                      f"max |logit diff| {row['max_abs']:.1e})")
