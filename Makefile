@@ -28,7 +28,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	@# two DALI builds in one environment overwrite each other's files: keep one
 	$(BIN)/python -m pip uninstall -q -y nvidia-dali-cuda$(OTHER_CUDA)0 2>/dev/null || true
-	$(BIN)/python -m pip install -q -e '.[dev,cuda$(CUDA)]'
+	$(BIN)/python -m pip install -q -e '.[dev,deploy,cuda$(CUDA)]'
 	touch $(STAMP)
 
 test: install

@@ -35,10 +35,11 @@ def _errors():
     from train.checkpoint import CheckpointError
     from train.inference import InferenceError
     from train.models import ModelError, WeightsError
+    from train.onnx_runtime import OnnxError
     from train.predict import InputError
 
     return (ShardError, MappingError, DatasetError, CheckpointError, InputError, TrainingError,
-            InferenceError, ModelError, WeightsError)
+            InferenceError, ModelError, WeightsError, OnnxError)
 
 
 def friendly_errors(fn):
@@ -302,35 +303,105 @@ def evaluate(checkpoint: Path, data: Path | None, split: str, out: Path | None,
 
 
 @main.command()
-@click.option("--checkpoint", required=True, type=click.Path(path_type=Path))
+@click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
+              help="A citytrain checkpoint (or --model).")
+@click.option("--model", "onnx_model", type=click.Path(path_type=Path), default=None,
+              help="An ONNX file of `citytrain export`, run by onnxruntime (its CUDA provider "
+                   "when there is one and --device allows).")
 @click.option("--input", "inputs", required=True, multiple=True, type=click.Path(path_type=Path),
-              help="Image files or folders (repeat the option for several).")
-@click.option("--out", required=True, type=click.Path(path_type=Path))
+              help="Image files or folders (repeat the option for several); with --video one "
+                   "frame sequence: a folder, a zip of frames or a video file.")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Folder for the masks and overlays.")
+@click.option("--video", type=click.Path(path_type=Path), default=None,
+              help="Write the sequence's predictions as this MP4 instead of PNGs.")
+@click.option("--every", default=1, type=click.IntRange(1),
+              help="With --video: predict every Nth frame (the frame rate divided by N).")
+@click.option("--layout", default="overlay", type=click.Choice(["overlay", "side-by-side"]),
+              help="With --video: the overlay, or image | prediction side by side.")
+@click.option("--fps", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="With --video: the frames' rate [a video's own; 17, the Cityscapes "
+                   "camera's, for PNG frames].")
 @click.option("--size", default=None,
               help="Resize to WxH for the model [the training shards' size]; 'full' = as is.")
 @inference_options()
 @click.option("--amp", default="off", type=AMPS,
-              help="Autocast the model to this precision.")
+              help="Autocast the model to this precision (a checkpoint only).")
 @click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]))
 @friendly_errors
-def predict(checkpoint: Path, inputs: tuple[Path, ...], out: Path, size: str | None,
-            mode: str, window: str | None, stride: str | None, scales: str, flip: bool,
-            max_windows: int, amp: str, device: str) -> None:
-    """Colorized masks and overlays for any images."""
-    from train.checkpoint import load_checkpoint, model_from_checkpoint
+def predict(checkpoint: Path | None, onnx_model: Path | None, inputs: tuple[Path, ...],
+            out: Path | None, video: Path | None, every: int, layout: str, fps: float | None,
+            size: str | None, mode: str, window: str | None, stride: str | None, scales: str,
+            flip: bool, max_windows: int, amp: str, device: str) -> None:
+    """Colorized masks and overlays for any images, or a video of a frame sequence."""
     from train.distributed import local_device
     from train.losses import build_loss
     from train.predict import predict_paths
 
     inference = parse_inference(mode, window, stride, scales, flip, max_windows)
+    if (checkpoint is None) == (onnx_model is None):
+        raise click.UsageError("pass --checkpoint C or --model model.onnx, one of them")
+    if video is None and out is None:
+        raise click.UsageError("pass --out DIR for the PNGs, or --video out.mp4")
+    if video is not None and (out is not None or len(inputs) != 1):
+        raise click.UsageError("--video predicts one --input (a folder, zip or video file) "
+                               "and writes no PNGs: drop --out")
+    if video is None and (every != 1 or fps is not None):
+        raise click.UsageError("--every and --fps need --video")
     dev = local_device(device)
-    state = load_checkpoint(checkpoint)
-    model = model_from_checkpoint(state, checkpoint, dev)
-    shape = sizes.from_wh(state["size"]) if size is None else parse_size(size, order="WxH")
-    loss = build_loss(state["losstype"], palette=state["palette"]).to(dev)
-    written = predict_paths(model, list(inputs), out, mean=state["mean"], std=state["std"],
-                            loss=loss, device=dev, size=shape, inference=inference, amp=amp)
+    if onnx_model is not None:
+        from train.onnx_runtime import OnnxModel
+
+        if amp != "off":
+            raise click.UsageError("--amp is for a checkpoint; an ONNX file runs as exported")
+        model = OnnxModel(onnx_model, device)
+        about, losstype = model.meta, model.losstype
+    else:
+        from train.checkpoint import load_checkpoint, model_from_checkpoint
+
+        about = load_checkpoint(checkpoint)
+        model, losstype = model_from_checkpoint(about, checkpoint, dev), about["losstype"]
+    shape = sizes.from_wh(about["size"]) if size is None else parse_size(size, order="WxH")
+    loss = build_loss(losstype, palette=about["palette"]).to(dev)
+    settings = dict(mean=about["mean"], std=about["std"], loss=loss, device=dev, size=shape,
+                    inference=inference, amp=amp)
+    if video is not None:
+        from train.video import predict_video
+
+        done = predict_video(model, inputs[0], video, every=every, layout=layout, fps=fps,
+                             **settings)
+        click.echo(f"wrote {video}: {done['frames']} frames of {done['size'][0]}x"
+                   f"{done['size'][1]} at {float(done['fps']):.4g} fps from {done['source']}")
+        return
+    written = predict_paths(model, list(inputs), out, **settings)
     click.echo(f"wrote {len(written) // 2} masks and overlays to {out}")
+
+
+@main.command()
+@click.option("--checkpoint", required=True, type=click.Path(path_type=Path))
+@click.option("--format", "format_", default="onnx", type=click.Choice(["onnx"]),
+              help="The file format.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="e.g. model.onnx")
+@click.option("--argmax", is_flag=True,
+              help="Output uint8 class ids (trainIds) per pixel instead of float logits.")
+@click.option("--check-size", default=None, metavar="WxH",
+              help="Image size of the parity check [the checkpoint's training size]; an odd "
+                   "size near it is checked too.")
+@click.option("--atol", default=1e-3, type=click.FloatRange(min=0),
+              help="Largest absolute logit difference to PyTorch that passes.")
+@click.option("--min-identical", default=0.9999, type=click.FloatRange(0, 1),
+              help="Smallest share of pixels of the same class as PyTorch's that passes.")
+@friendly_errors
+def export(checkpoint: Path, format_: str, out: Path, argmax: bool, check_size: str | None,
+           atol: float, min_identical: float) -> None:
+    """A checkpoint's model as an ONNX file: uint8 RGB NHWC in (any batch and size,
+    normalization inside), logits or class ids out, classes/palette/mapping in its metadata;
+    written only after onnxruntime matches PyTorch on a few images."""
+    from train.onnx_export import export_onnx
+
+    export_onnx(checkpoint, out, argmax=argmax, size=parse_size(check_size, order="WxH"),
+                atol=atol, min_identical=min_identical, echo=click.echo)
+    click.echo(f"wrote {out}")
 
 
 @main.command()
@@ -437,7 +508,11 @@ def gpu_report(out: Path, budget: float) -> None:
 
 
 @main.command("bench-inference")
-@click.option("--size", default="1024x2048", help="HxW of the synthetic image.")
+@click.option("--size", default=None,
+              help="HxW of the synthetic image [1024x2048; with --onnx 512x1024 and 1024x2048].")
+@click.option("--onnx", is_flag=True,
+              help="Instead: onnxruntime against PyTorch on the whole image, the same exported "
+                   "model (uint8 in, logits out).")
 @click.option("--encoder", default=DEFAULTS.encoder, help="The model (random weights: speed "
               "only).")
 @click.option("--width", default=16, type=click.IntRange(1), help="plain: U-Net width.")
@@ -457,15 +532,25 @@ def gpu_report(out: Path, budget: float) -> None:
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None,
               help="Also write the figures here.")
 @friendly_errors
-def bench_inference(size: str, window: str, stride: str | None, scales: str,
-                    json_out: Path | None, **kwargs) -> None:
-    """Images/s of whole, slide, and slide + flip + scales inference on one image."""
-    from train.bench import format_inference_report, run_inference_bench
+def bench_inference(size: str | None, onnx: bool, window: str, stride: str | None,
+                    scales: str, json_out: Path | None, **kwargs) -> None:
+    """Images/s of whole, slide, and slide + flip + scales inference on one image; with
+    --onnx, of onnxruntime and PyTorch."""
+    if onnx:
+        from train.onnx_bench import SIZES, format_runtime_report, run_runtime_bench
 
-    report = run_inference_bench(size=parse_size(size), window=parse_size(window),
-                                 stride=parse_size(stride) if stride else None,
-                                 scales=_scales(scales), **kwargs)
-    click.echo(format_inference_report(report))
+        report = run_runtime_bench(sizes=(parse_size(size),) if size else SIZES,
+                                   **{k: kwargs[k] for k in ("encoder", "width", "depth",
+                                                             "images", "warmup", "device")})
+        click.echo(format_runtime_report(report))
+    else:
+        from train.bench import format_inference_report, run_inference_bench
+
+        report = run_inference_bench(size=parse_size(size or "1024x2048"),
+                                     window=parse_size(window),
+                                     stride=parse_size(stride) if stride else None,
+                                     scales=_scales(scales), **kwargs)
+        click.echo(format_inference_report(report))
     if json_out is not None:
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(report, indent=1) + "\n")
