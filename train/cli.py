@@ -19,9 +19,18 @@ import os
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
 from pipeline import sizes
-from train.config import AMP_MODES, AgreedError, Config, Interrupted, TrainingError
+from train.config import (
+    AMP_MODES,
+    EVAL_FIELDS,
+    AgreedError,
+    Config,
+    Interrupted,
+    TrainingError,
+    read_config_file,
+)
 
 DEFAULTS = Config()
 BACKENDS = click.Choice(["auto", "dali", "torch"])
@@ -138,9 +147,14 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--data", required=True, type=click.Path(path_type=Path),
-              help="Shard folder from `cityprep preprocess`.")
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="Run directory.")
+@click.option("--data", type=click.Path(path_type=Path), default=None,
+              help="Shard folder from `cityprep preprocess` [a resumed run's own].")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Run directory (needed, unless --config names one).")
+@click.option("--config", "config_file", type=click.Path(path_type=Path), default=None,
+              help="Start from the settings in this JSON file: a run's config.json, or a "
+                   "small file such as {\"width\": 32, \"crop\": \"256x512\"}; options "
+                   "given on the command line override it.")
 @click.option("--train-split", default=DEFAULTS.train_split,
               help="Split(s) of --data to train on; '+' joins several (train+train_extra).")
 @click.option("--epochs", default=DEFAULTS.epochs, type=click.IntRange(1))
@@ -186,11 +200,21 @@ def main() -> None:
                    "across ranks); the GPU runs ahead in between.")
 @click.option("--time-limit", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Seconds; the LR schedule ends and training stops by then.")
+@click.option("--save-every", default=DEFAULTS.save_every, type=click.IntRange(0),
+              help="Steps between checkpoints within an epoch (OUT/checkpoints/last.pt, "
+                   "written in the background); 0: at epoch ends and on a signal only.")
 @click.option("--seed", default=DEFAULTS.seed, type=int)
-@click.option("--resume", is_flag=True, help="Continue from OUT/checkpoints/last.pt.")
+@click.option("--resume", is_flag=False, flag_value="yes", default=None,
+              type=click.Choice(["yes", "auto"]), metavar="[auto]",
+              help="Continue the run in OUT from checkpoints/last.pt, with its own settings "
+                   "(only --epochs, --time-limit, --data, --batch-size, --workers, --device, "
+                   "logging and --eval-* may be given). --resume auto: the same when OUT has "
+                   "a checkpoint, else start the run (what a relaunch after a failure wants).")
 @click.option("--init", type=click.Path(path_type=Path), default=None,
               help="Fine-tune: start from this checkpoint's model weights (new optimizer, "
-                   "schedule and epochs); same architecture and classes.")
+                   "schedule and epochs), and its architecture unless --width, --depth, "
+                   "--upsample or --losstype say otherwise; same classes unless --init-head "
+                   "reset.")
 @click.option("--init-head", default=DEFAULTS.init_head, type=click.Choice(["keep", "reset"]),
               help="With --init: keep the checkpoint's last layer, or start it afresh (for "
                    "a checkpoint of another class set).")
@@ -201,9 +225,7 @@ def main() -> None:
               help="Only that check, for LOCAL_WORLD_SIZE processes on this host; then exit.")
 @inference_options("eval-", max_windows=False)
 @friendly_errors
-def fit(compile_: bool, crop: str, scale: str, data: Path, out: Path, init: Path | None,
-        eval_mode: str, eval_window: str | None, eval_stride: str | None, eval_scales: str,
-        eval_flip: bool, **kwargs) -> None:
+def fit(config_file: Path | None, **options) -> None:
     """Train a U-Net; writes config, metrics, TensorBoard events, checkpoints, pictures.
 
     Every validation runs the plain model; the --eval-* options apply to the evaluation after
@@ -211,12 +233,41 @@ def fit(compile_: bool, crop: str, scale: str, data: Path, out: Path, init: Path
     """
     from train.fit import fit as run_fit
 
-    final = parse_inference(eval_mode, eval_window, eval_stride, eval_scales, eval_flip,
-                            prefix="eval-")
-    run_fit(Config(data=str(data), out=str(out), compile=compile_, crop=parse_size(crop),
-                   scale=_range(scale), init=str(init) if init else None,
-                   eval_mode=final.mode, eval_window=final.window, eval_stride=final.stride,
-                   eval_scales=final.scales, eval_flip=final.flip, **kwargs))
+    ctx = click.get_current_context()
+    typed = {name: value for name, value in options.items()
+             if ctx.get_parameter_source(name) is not ParameterSource.DEFAULT}
+    settings = read_config_file(config_file) if config_file else {}
+    settings.update(_fit_settings(typed))
+    if not settings.get("out"):
+        raise click.UsageError("--out RUN is needed: the run directory")
+    if set(settings) & set(EVAL_FIELDS):  # a bad combination is a usage error, now
+        from train.evaluation import final_inference
+        from train.inference import InferenceError
+
+        try:
+            final_inference(Config(**{k: v for k, v in settings.items() if k in EVAL_FIELDS}))
+        except InferenceError as e:
+            raise click.UsageError(str(e).replace("--", "--eval-")) from None
+    # the settings the user chose: a resumed run takes every other from its checkpoint
+    run_fit(Config(**settings), given=set(settings))
+
+
+def _fit_settings(typed: dict) -> dict:
+    """fit's options as typed -> Config fields and values."""
+    convert = {
+        "compile_": lambda v: ("compile", v),
+        "crop": lambda v: ("crop", parse_size(v)),
+        "scale": lambda v: ("scale", _range(v)),
+        "data": lambda v: ("data", str(v)),
+        "out": lambda v: ("out", str(v)),
+        "init": lambda v: ("init", str(v)),
+        "eval_window": lambda v: ("eval_window", parse_size(v)),
+        "eval_stride": lambda v: ("eval_stride", parse_size(v)),
+        "eval_scales": lambda v: ("eval_scales", _scales(v)),
+        "resume": lambda v: ("resume", "auto" if v == "auto" else True),
+    }
+    return dict(convert.get(name, lambda v, n=name: (n, v))(value)
+                for name, value in typed.items())
 
 
 @main.command()

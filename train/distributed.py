@@ -1,7 +1,8 @@
 """One process or many: torchrun's environment -> rank, world size, device, process group.
 
-`torchrun --nproc_per_node=N -m train.cli fit ...` sets RANK, WORLD_SIZE and LOCAL_RANK; without
-them this is a single process and nothing is initialised. NCCL on CUDA, gloo on the CPU, so the
+`torchrun --nproc_per_node=N -m train.cli fit ...` sets RANK, WORLD_SIZE and LOCAL_RANK (and
+TORCHELASTIC_RESTART_COUNT after it restarted a failed group); without them this is a single
+process and nothing is initialised. NCCL on CUDA, gloo on the CPU, so the
 same code path runs in the tests as one (or two) CPU processes.
 """
 
@@ -22,6 +23,8 @@ class Dist:
     local_rank: int
     device: torch.device
     local_world_size: int = 1
+    restart_count: int = 0  # torchrun's restarts of the group so far (--max-restarts)
+    max_restarts: int = 0
 
     @property
     def is_main(self) -> bool:
@@ -76,7 +79,9 @@ def setup(device: str | torch.device = "auto") -> Dist:
         kwargs = {"device_id": dev} if dev.type == "cuda" else {}
         dist.init_process_group(backend=backend, rank=rank, world_size=world_size, **kwargs)
     return Dist(rank=rank, world_size=world_size, local_rank=local_rank, device=dev,
-                local_world_size=local_world_size)
+                local_world_size=local_world_size,
+                restart_count=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)),
+                max_restarts=int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", 0)))
 
 
 def cleanup() -> None:
