@@ -137,14 +137,20 @@ def train_step(model: nn.Module, batch: dict, criterion: nn.Module,
 
 
 class Stopper:
-    """SIGTERM/SIGINT ask the run to stop after the current step (a second SIGINT kills it)."""
+    """SIGTERM/SIGINT ask the run to stop after the current step (a second SIGINT kills it).
+
+    Another SIGTERM changes nothing: a scheduler and a launcher both send one (SLURM signals
+    every process of the job step, and torchrun passes its own on to its workers), and the
+    second must not kill the run in the middle of the save the first one asked for.
+    """
 
     def __init__(self) -> None:
         self.signum: int | None = None
 
     def _handle(self, signum, frame) -> None:
-        self.signum = signum
-        signal.signal(signum, self._previous[signum])
+        self.signum = self.signum or signum
+        if signum == signal.SIGINT:
+            signal.signal(signum, self._previous[signum])
 
     @contextmanager
     def installed(self):
