@@ -23,30 +23,6 @@ pytestmark = pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="ne
 
 REPO = Path(__file__).resolve().parents[1]
 
-# citytrain, with rank 1 of the first attempt SIGKILLing itself after step KILL_AFTER_STEP,
-# as a GPU falling off the bus or the OOM killer ends a process: no signal handler, no save
-DRIVER = """
-import os, signal, sys
-from train import engine
-from train.cli import main
-
-if __name__ == "__main__":  # the loader's spawned workers import this file again
-    kill_after = int(os.environ.get("KILL_AFTER_STEP", 0))
-    if kill_after and os.environ["RANK"] == "1" \\
-            and os.environ["TORCHELASTIC_RESTART_COUNT"] == "0":
-        real, steps = engine.train_step, []
-
-        def train_step(*args, **kwargs):
-            loss = real(*args, **kwargs)
-            steps.append(1)
-            if len(steps) == kill_after:
-                os.kill(os.getpid(), signal.SIGKILL)
-            return loss
-
-        engine.train_step = train_step
-    main(sys.argv[1:])
-"""
-
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -70,7 +46,7 @@ def _rows(run: Path) -> list[dict]:
                 for r in csv.DictReader(f)]
 
 
-def torchrun(driver: Path, data: Path, out: Path, port: int, kill_after: int = 0,
+def torchrun(data: Path, out: Path, port: int, kill_after: int = 0,
              workers: int = 0) -> tuple[int, str, set[int]]:
     """Two ranks under torchrun (c10d rendezvous on `port`, one restart allowed); returns
     the exit status, the output and every process seen below torchrun."""
@@ -79,12 +55,12 @@ def torchrun(driver: Path, data: Path, out: Path, port: int, kill_after: int = 0
            "off", "--optimizer", "adamw", "--lr", "1e-2", "--warmup", "2", "--workers", workers,
            "--backend", "torch", "--device", "cpu", "--log-every", "2", "--save-every", "3",
            "--resume", "auto", "--no-progress", "--no-preflight"]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
-           "KILL_AFTER_STEP": str(kill_after)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
          "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=elastic",
-         "--max-restarts=1", "--monitor-interval=0.5", str(driver), *map(str, fit)],
+         "--max-restarts=1", "--monitor-interval=0.5", "-m", "train.faults", "--kill-rank",
+         "1", "--after-step", str(kill_after), *map(str, fit)],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         start_new_session=True)
     seen: set[int] = set()
@@ -105,14 +81,13 @@ def test_a_rank_killed_between_two_saves_costs_a_restart_not_the_run(make_datase
     images, labels, names = blocks(20)
     data = make_dataset({"train": (images[:16], labels[:16], names[:16]),
                          "val": (images[16:], labels[16:], names[16:])})
-    driver = tmp_path / "driver.py"
-    driver.write_text(DRIVER)
     port = _free_port()
     # 16 images, 2 x 2 a step: 4 steps an epoch, 8 in all; step checkpoints at 3 and 6.
-    # Rank 1 dies after step 7: the group restarts from step 6, in the middle of epoch 2.
+    # Rank 1 dies after step 7 (train/faults.py), as a lost GPU ends a process: the group
+    # restarts from step 6, in the middle of epoch 2.
     # With a loader worker per rank (the killed rank's must end with it); the batches and
     # so the weights are the same with or without workers.
-    status, output, seen = torchrun(driver, data, tmp_path / "killed", port, kill_after=7,
+    status, output, seen = torchrun(data, tmp_path / "killed", port, kill_after=7,
                                     workers=1)
     assert status == 0, output
     assert "(torchrun restart 1 of at most 1)" in output, output
@@ -125,7 +100,7 @@ def test_a_rank_killed_between_two_saves_costs_a_restart_not_the_run(make_datase
     assert _port_free(port), "the rendezvous port is still held"
 
     # the same endpoint and rendezvous id again: nothing stale stands in the way
-    status, output, _ = torchrun(driver, data, tmp_path / "whole", port)
+    status, output, _ = torchrun(data, tmp_path / "whole", port)
     assert status == 0, output
     assert "restart" not in output and "resuming" not in output
 
