@@ -290,3 +290,35 @@ def test_a_kill_during_a_save_leaves_the_previous_checkpoint_whole(tmp_path):
     state = load_checkpoint(last)
     assert state["step"] >= 1 and torch.all(state["model"]["w"] == state["step"])
     assert list(last.parent.glob(".last.pt.tmp*"))  # the torn one, which fit sweeps away
+
+
+def test_resume_auto_with_init_starts_from_it_once(make_dataset, tmp_path):
+    # the SLURM recipe's INIT: the first allocation fine-tunes, the next ones resume, even
+    # once the checkpoint it started from is gone
+    images, labels, names = blocks(8)
+    data = make_dataset({"train": (images, labels, names)})
+    fit(tiny(data, tmp_path / "base", epochs=1))
+    ckpt = tmp_path / "init.pt"
+    shutil.copy(tmp_path / "base" / "checkpoints" / "last.pt", ckpt)
+    cfg = tiny(data, tmp_path / "tuned", epochs=1, init=str(ckpt), resume="auto")
+    fit(cfg)
+    ckpt.unlink()
+    fit(replace(cfg, epochs=2))
+    assert load_checkpoint(tmp_path / "tuned" / "checkpoints" / "last.pt")["epoch"] == 2
+    init = _config(tmp_path / "tuned")["init"]
+    assert init["checkpoint"] == str(ckpt) and init["epoch"] == 1
+
+
+def test_bench_checkpoint_figures_a_save_against_each_save_every(tmp_path):
+    out = tmp_path / "bench.json"
+    result = citytrain("bench-checkpoint", "--width", "4", "--depth", "1", "--crop", "16x32",
+                       "--batch-size", "1", "--amp", "off", "--saves", "1", "--every",
+                       "1,10,100", "--dir", tmp_path, "--device", "cpu", "--json", out)
+    assert result.exit_code == 0, result.output
+    assert "save holds loop" in result.output and "--save-every" in result.output
+    report = json.loads(out.read_text())
+    assert report["checkpoint_mb"] > 0 and report["step_source"] == "measured"
+    assert [r["save_every"] for r in report["rows"]] == [1, 10, 100]
+    shares = [r["sync_share"] for r in report["rows"]]
+    assert shares == sorted(shares, reverse=True) and shares[0] > shares[-1]
+    assert list(tmp_path.iterdir()) == [out]  # its checkpoints are gone

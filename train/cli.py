@@ -9,6 +9,8 @@
     citytrain bench --crop 512x1024 --batch-size 8 --amp bf16
     citytrain gpu-report --out runs/gpu-report                           (a CUDA GPU only)
     citytrain bench-inference --size 1024x2048
+    citytrain bench-checkpoint --dir runs/                    (what a save costs, per --save-every)
+    citytrain bench-restart                        (what one SIGKILLed rank costs, under torchrun)
 """
 
 from __future__ import annotations
@@ -445,6 +447,73 @@ def bench_inference(size: str, window: str, stride: str | None, scales: str,
     if json_out is not None:
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(report, indent=1) + "\n")
+
+
+@main.command("bench-checkpoint")
+@click.option("--width", default=64, type=click.IntRange(1))
+@click.option("--depth", default=4, type=click.IntRange(1))
+@click.option("--crop", default="512x1024", help="HxW of the synthetic batch.")
+@click.option("--batch-size", default=8, type=click.IntRange(1))
+@click.option("--amp", default="bf16", type=AMPS)
+@click.option("--optimizer", default="sgd", type=click.Choice(["sgd", "adamw"]),
+              help="Its state is saved too (AdamW's is twice SGD's).")
+@click.option("--every", default=",".join(map(str, (50, 100, 200, 500, 1000))),
+              help="The --save-every values to figure the share of time for.")
+@click.option("--saves", default=3, type=click.IntRange(1), help="Saves timed (median).")
+@click.option("--dir", "folder", default=None, type=click.Path(path_type=Path),
+              help="Where to write them: the file system the run will use [the temp dir].")
+@click.option("--step-seconds", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Seconds per training step to figure against [measured here].")
+@click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--json", "json_out", type=click.Path(path_type=Path), default=None,
+              help="Also write the figures here.")
+@friendly_errors
+def bench_checkpoint(crop: str, every: str, json_out: Path | None, **kwargs) -> None:
+    """What a checkpoint save costs the training loop, at each --save-every."""
+    from train.bench_recovery import format_checkpoint_report, run_checkpoint_bench
+
+    try:
+        steps = tuple(int(v) for v in every.split(","))
+    except ValueError:
+        raise click.BadParameter(f"expected steps like 100,500, got {every!r}",
+                                 param_hint="--every") from None
+    report = run_checkpoint_bench(crop=parse_size(crop), every=steps, **kwargs)
+    click.echo(format_checkpoint_report(report))
+    _write_json(json_out, report)
+
+
+@main.command("bench-restart")
+@click.option("--out", default=Path("runs/bench-restart"), type=click.Path(path_type=Path),
+              help="Folder for the shards and the three runs.")
+@click.option("--nproc", default=2, type=click.IntRange(2), help="CPU processes (gloo).")
+@click.option("--width", default=16, type=click.IntRange(1))
+@click.option("--size", default="128x256", help="HxW of the synthetic frames (trained whole).")
+@click.option("--batch-size", default=2, type=click.IntRange(1), help="Per process.")
+@click.option("--steps-per-epoch", default=20, type=click.IntRange(2))
+@click.option("--kill-at", default=0.75, type=click.FloatRange(0, 1, max_open=True),
+              help="How far into epoch 2 rank 1 is SIGKILLed.")
+@click.option("--save-every", default=5, type=click.IntRange(1),
+              help="Step checkpoints of the run that has them.")
+@click.option("--json", "json_out", type=click.Path(path_type=Path), default=None,
+              help="Also write the figures here.")
+@friendly_errors
+def bench_restart(out: Path, size: str, json_out: Path | None, **kwargs) -> None:
+    """Time one SIGKILLed rank costs a run under torchrun, with and without step
+    checkpoints: three runs of 2 epochs on CPU processes (a few minutes)."""
+    import shutil
+
+    from train.bench_recovery import format_restart_report, run_restart_bench
+
+    shutil.rmtree(out, ignore_errors=True)  # the runs must start afresh
+    report = run_restart_bench(out, size=parse_size(size), **kwargs)
+    click.echo(format_restart_report(report))
+    _write_json(json_out, report)
+
+
+def _write_json(path: Path | None, report: dict) -> None:
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=1) + "\n")
 
 
 @main.command("compare-official")

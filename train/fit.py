@@ -174,7 +174,9 @@ def _fit(cfg: Config, dist: distributed.Dist, saved: dict | None = None) -> dict
                  upsample=cfg.upsample)
     arch = dict(model.config)
     init = None
-    if cfg.init:  # before SyncBatchNorm and DDP: every rank loads the same weights
+    if cfg.init and saved is not None:  # the run's own weights follow; --init is its past
+        init = RunDir.recorded(out, "init")
+    elif cfg.init:  # before SyncBatchNorm and DDP: every rank loads the same weights
         init = init_from_checkpoint(model, Path(cfg.init), classes=classes, losstype=cfg.losstype,
                                     data=cfg.data, head=cfg.init_head)
     if dist.distributed and cfg.sync_bn:
