@@ -11,6 +11,7 @@ the loop) beside them.
 
 from __future__ import annotations
 
+import csv
 import re
 import subprocess
 import sys
@@ -165,8 +166,14 @@ def run_restart_bench(out: Path, *, nproc: int = 2, width: int = 16,
                       ) -> dict:
     """Three runs of 2 epochs under torchrun on CPU processes: uninterrupted; rank 1
     SIGKILLed `kill_at` through epoch 2 with --save-every `save_every`; the same kill with
-    step checkpoints off. Time lost = a killed run's wall time minus the uninterrupted one's:
-    torchrun's restart and the steps done again since the checkpoint resumed from."""
+    step checkpoints off.
+
+    Time lost to the kill: from the kill until the restarted group is back at the step it
+    was killed after (train/faults.py says when), of which the restart is the time to the
+    restarted group's first step (torchrun noticing, stopping and starting the group, the
+    processes' start-up, loading the checkpoint) and the rest the steps done again. Also the
+    killed run's wall time minus the uninterrupted one's, which says the same where the
+    machine is quiet."""
     out = Path(out)
     images = steps_per_epoch * batch_size * nproc
     data = _shards(out / "data", images, 2 * nproc, size)
@@ -181,31 +188,42 @@ def run_restart_bench(out: Path, *, nproc: int = 2, width: int = 16,
                                  save_every=every)
         found = re.search(r"resuming .*: epoch \d+, step (\d+)", log)
         resumed = int(found.group(1)) if found else None
+        times = {what: float(t) for what, t in re.findall(
+            r"train.faults: .*?(SIGKILLs itself|first step|is back).* at ([\d.]+)", log)}
+        since = times.get("SIGKILLs itself")
         rows.append({"run": name, "save_every": every, "killed_after_step": kill or None,
                      "resumed_from_step": resumed,
                      "steps_redone": kill - resumed if resumed is not None else None,
+                     "restart_seconds": times["first step"] - since if since else None,
+                     "seconds_lost": times["is back"] - since if since else None,
                      "seconds": seconds})
     base = rows[0]["seconds"]
+    # one step of the uninterrupted run's second epoch, from its images/s
+    with open(out / "run0" / "metrics.csv") as f:
+        last = list(csv.DictReader(f))[-1]
+    step = batch_size * nproc / float(last["images_per_s"])
     for row in rows:
-        row["seconds_lost"] = row["seconds"] - base
-    step = base / (2 * steps_per_epoch)  # an upper bound: start-up and evaluation included
+        row["seconds_lost_wall"] = row["seconds"] - base
     return {"nproc": nproc, "width": width, "size": list(size), "batch_size": batch_size,
-            "steps_per_epoch": steps_per_epoch, "seconds_per_step_at_most": step,
-            "rows": rows}
+            "steps_per_epoch": steps_per_epoch, "seconds_per_step": step, "rows": rows}
 
 
 def format_restart_report(r: dict) -> str:
     lines = [f"{r['nproc']} CPU processes under torchrun, U-Net width {r['width']}, "
              f"{r['size'][0]}x{r['size'][1]} images, batch {r['batch_size']} per process, "
-             f"{r['steps_per_epoch']} steps an epoch, 2 epochs",
-             "  run                               --save-every  killed after  resumed at  "
-             "redone  wall s  lost s"]
-    for row in r["rows"]:
-        def show(v):
-            return "-" if v is None else str(v)
+             f"{r['steps_per_epoch']} steps an epoch, 2 epochs, "
+             f"{r['seconds_per_step'] * 1e3:.0f} ms a step",
+             "  run                              --save-every  killed after  resumed at  "
+             "redone  restart s  lost s  wall s (lost)"]
 
-        lines.append(f"  {row['run']:<34}{row['save_every']:>12}  "
+    def show(v, fmt="{}"):
+        return "-" if v is None else fmt.format(v)
+
+    for row in r["rows"]:
+        lines.append(f"  {row['run']:<33}{row['save_every']:>12}  "
                      f"{show(row['killed_after_step']):>12}  "
                      f"{show(row['resumed_from_step']):>10}  {show(row['steps_redone']):>6}  "
-                     f"{row['seconds']:>6.1f}  {row['seconds_lost']:>6.1f}")
+                     f"{show(row['restart_seconds'], '{:.1f}'):>9}  "
+                     f"{show(row['seconds_lost'], '{:.1f}'):>6}  {row['seconds']:>6.1f} "
+                     f"({row['seconds_lost_wall']:+.1f})")
     return "\n".join(lines)

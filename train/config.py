@@ -1,4 +1,6 @@
-"""Every setting of a training run, with its default, and the errors a run raises.
+"""Every setting of a training run, with its default, and the errors a run raises; which
+settings are the run's own and which one session of it may change (ARCH_FIELDS,
+SESSION_FIELDS), a resumed session's settings, and settings read from a JSON file.
 
 Kept free of torch on purpose: `train/cli.py` imports it at start-up, and so does every loader
 worker process that `spawn` starts, since spawn re-imports the main module (`train.cli` under
