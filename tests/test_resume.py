@@ -322,3 +322,13 @@ def test_bench_checkpoint_figures_a_save_against_each_save_every(tmp_path):
     shares = [r["sync_share"] for r in report["rows"]]
     assert shares == sorted(shares, reverse=True) and shares[0] > shares[-1]
     assert list(tmp_path.iterdir()) == [out]  # its checkpoints are gone
+
+
+def test_a_second_sigterm_does_not_kill_the_save_the_first_asked_for():
+    # SLURM signals every process of the job step and torchrun passes its own SIGTERM on
+    with engine.Stopper().installed() as stopper:
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)
+        assert stopper.signum == signal.SIGTERM
+        assert signal.getsignal(signal.SIGINT) == stopper._handle  # Ctrl-C: still caught
