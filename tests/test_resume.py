@@ -332,3 +332,17 @@ def test_a_second_sigterm_does_not_kill_the_save_the_first_asked_for():
         time.sleep(0.05)
         assert stopper.signum == signal.SIGTERM
         assert signal.getsignal(signal.SIGINT) == stopper._handle  # Ctrl-C: still caught
+
+
+def test_make_trains_memory_check_of_a_resumed_run_only_checks(make_dataset, tmp_path):
+    # make train: `fit ... --resume auto --preflight-only`, then torchrun `... --no-preflight`;
+    # the run's config says preflight false, the check must not train for it
+    images, labels, names = blocks(8)
+    data = make_dataset({"train": (images, labels, names)})
+    run = tmp_path / "run"
+    fit(tiny(data, run, epochs=1, preflight=False, resume="auto"))
+    memory = fit(Config(out=str(run), epochs=2, resume="auto", preflight_only=True),
+                 given={"out", "epochs", "resume", "preflight_only"})
+    assert memory["step_gb"] > 0
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["epoch"] == 1
+    assert [r["epoch"] for r in _rows(run)] == ["1"]

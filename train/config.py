@@ -120,8 +120,9 @@ SESSION_FIELDS = ("data", "out", "epochs", "time_limit", "batch_size", "workers"
                   "device", "tf32", "channels_last", "compile", "sync_bn", "log_every",
                   "eval_every", "save_every", "grid_samples", "progress", "preflight",
                   "preflight_only", "resume", *EVAL_FIELDS)
-# what one command line asks for, never carried from a saved config into another run
-INVOCATION_FIELDS = ("resume", "preflight_only")
+# what one command line asks for, never carried from a saved config into another session
+# (`make train` checks memory once, then runs torchrun with --no-preflight)
+INVOCATION_FIELDS = ("resume", "preflight", "preflight_only")
 SIZE_FIELDS = ("crop", "eval_window", "eval_stride")  # (H, W); typed HxW
 PATH_FIELDS = ("data", "out", "init")
 
@@ -210,8 +211,9 @@ def settings_from(values: dict, where: str, *, strict: bool = True) -> dict:
 
 def read_config_file(path: Path) -> dict:
     """The settings in `path`: a run's config.json (its "config") or a small JSON file of
-    settings, e.g. {"width": 32, "crop": "512x1024", "lr": 0.02}. What one command line asks
-    for (--resume, --preflight-only) is left out: the file describes a run."""
+    settings, e.g. {"width": 32, "crop": "512x1024", "lr": 0.02}. Of a run's config.json
+    what its command line asked for (INVOCATION_FIELDS: --resume, --preflight...) is left
+    out: it describes the run; a file the user wrote says what it says."""
     path = Path(path)
     try:
         values = json.loads(path.read_text())
@@ -219,13 +221,14 @@ def read_config_file(path: Path) -> dict:
         raise TrainingError(f"{path}: no such config file") from None
     except (OSError, json.JSONDecodeError) as e:
         raise TrainingError(f"{path}: not a readable JSON config ({e})") from None
-    if isinstance(values, dict) and isinstance(values.get("config"), dict):
+    saved = isinstance(values, dict) and isinstance(values.get("config"), dict)
+    if saved:
         values = values["config"]  # a run's config.json
     if not isinstance(values, dict):
         raise TrainingError(f"{path}: expected a JSON object of settings, e.g. "
                             '{"width": 32, "epochs": 50}')
     settings = settings_from(values, str(path))
-    return {k: v for k, v in settings.items() if k not in INVOCATION_FIELDS}
+    return {k: v for k, v in settings.items() if not (saved and k in INVOCATION_FIELDS)}
 
 
 def resumed(saved: dict, cfg: Config, given: Iterable[str], path: Path | str) -> Config:

@@ -159,7 +159,7 @@ def _fit(cfg: Config, dist: distributed.Dist, saved: dict | None = None) -> dict
     classes, categories = list(train_loader.classes), list(manifest["categories"])
     palette = np.asarray(train_loader.palette, dtype=np.uint8)
     memory = None
-    if cfg.preflight:  # stop now, with a message, rather than in the OOM killer
+    if cfg.preflight or cfg.preflight_only:  # stop now, with a message, not in the OOM killer
         with torch.random.fork_rng(devices=[dist.device] if dist.device.type == "cuda" else []):
             memory = preflight.check_fits(cfg, dist, len(classes), train_loader.aug.crop,
                                           train_loader.workers, train_loader.backend)
