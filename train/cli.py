@@ -9,6 +9,8 @@
     citytrain bench --crop 512x1024 --batch-size 8 --amp bf16
     citytrain gpu-report --out runs/gpu-report                           (a CUDA GPU only)
     citytrain bench-inference --size 1024x2048
+    citytrain bench-checkpoint --dir runs/                    (what a save costs, per --save-every)
+    citytrain bench-restart                        (what one SIGKILLed rank costs, under torchrun)
 """
 
 from __future__ import annotations
@@ -19,9 +21,18 @@ import os
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
 from pipeline import sizes
-from train.config import AMP_MODES, AgreedError, Config, Interrupted, TrainingError
+from train.config import (
+    AMP_MODES,
+    EVAL_FIELDS,
+    AgreedError,
+    Config,
+    Interrupted,
+    TrainingError,
+    read_config_file,
+)
 
 DEFAULTS = Config()
 BACKENDS = click.Choice(["auto", "dali", "torch"])
@@ -153,9 +164,14 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--data", required=True, type=click.Path(path_type=Path),
-              help="Shard folder from `cityprep preprocess`.")
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="Run directory.")
+@click.option("--data", type=click.Path(path_type=Path), default=None,
+              help="Shard folder from `cityprep preprocess` [a resumed run's own].")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Run directory (needed, unless --config names one).")
+@click.option("--config", "config_file", type=click.Path(path_type=Path), default=None,
+              help="Start from the settings in this JSON file: a run's config.json, or a "
+                   "small file such as {\"width\": 32, \"crop\": \"256x512\"}; options "
+                   "given on the command line override it.")
 @click.option("--train-split", default=DEFAULTS.train_split,
               help="Split(s) of --data to train on; '+' joins several (train+train_extra).")
 @click.option("--epochs", default=DEFAULTS.epochs, type=click.IntRange(1))
@@ -216,11 +232,21 @@ def main() -> None:
                    "across ranks); the GPU runs ahead in between.")
 @click.option("--time-limit", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Seconds; the LR schedule ends and training stops by then.")
+@click.option("--save-every", default=DEFAULTS.save_every, type=click.IntRange(0),
+              help="Steps between checkpoints within an epoch (OUT/checkpoints/last.pt, "
+                   "written in the background); 0: at epoch ends and on a signal only.")
 @click.option("--seed", default=DEFAULTS.seed, type=int)
-@click.option("--resume", is_flag=True, help="Continue from OUT/checkpoints/last.pt.")
+@click.option("--resume", is_flag=False, flag_value="yes", default=None,
+              type=click.Choice(["yes", "auto"]), metavar="[auto]",
+              help="Continue the run in OUT from checkpoints/last.pt, with its own settings "
+                   "(only --epochs, --time-limit, --data, --batch-size, --workers, --device, "
+                   "logging and --eval-* may be given). --resume auto: the same when OUT has "
+                   "a checkpoint, else start the run (what a relaunch after a failure wants).")
 @click.option("--init", type=click.Path(path_type=Path), default=None,
               help="Fine-tune: start from this checkpoint's model weights (new optimizer, "
-                   "schedule and epochs); same architecture and classes.")
+                   "schedule and epochs), and its architecture unless --width, --depth, "
+                   "--upsample or --losstype say otherwise; same classes unless --init-head "
+                   "reset.")
 @click.option("--init-head", default=DEFAULTS.init_head, type=click.Choice(["keep", "reset"]),
               help="With --init: keep the checkpoint's last layer, or start it afresh (for "
                    "a checkpoint of another class set).")
@@ -231,9 +257,7 @@ def main() -> None:
               help="Only that check, for LOCAL_WORLD_SIZE processes on this host; then exit.")
 @inference_options("eval-", max_windows=False)
 @friendly_errors
-def fit(compile_: bool, crop: str, scale: str, data: Path, out: Path, init: Path | None,
-        decoder: str | None, eval_mode: str, eval_window: str | None, eval_stride: str | None,
-        eval_scales: str, eval_flip: bool, **kwargs) -> None:
+def fit(config_file: Path | None, **options) -> None:
     """Train a U-Net; writes config, metrics, TensorBoard events, checkpoints, pictures.
 
     Every validation runs the plain model; the --eval-* options apply to the evaluation after
@@ -241,13 +265,42 @@ def fit(compile_: bool, crop: str, scale: str, data: Path, out: Path, init: Path
     """
     from train.fit import fit as run_fit
 
-    final = parse_inference(eval_mode, eval_window, eval_stride, eval_scales, eval_flip,
-                            prefix="eval-")
-    run_fit(Config(data=str(data), out=str(out), compile=compile_, crop=parse_size(crop),
-                   scale=_range(scale), init=str(init) if init else None,
-                   decoder=_widths(decoder), eval_mode=final.mode, eval_window=final.window,
-                   eval_stride=final.stride, eval_scales=final.scales, eval_flip=final.flip,
-                   **kwargs))
+    ctx = click.get_current_context()
+    typed = {name: value for name, value in options.items()
+             if ctx.get_parameter_source(name) is not ParameterSource.DEFAULT}
+    settings = read_config_file(config_file) if config_file else {}
+    settings.update(_fit_settings(typed))
+    if not settings.get("out"):
+        raise click.UsageError("--out RUN is needed: the run directory")
+    if set(settings) & set(EVAL_FIELDS):  # a bad combination is a usage error, now
+        from train.evaluation import final_inference
+        from train.inference import InferenceError
+
+        try:
+            final_inference(Config(**{k: v for k, v in settings.items() if k in EVAL_FIELDS}))
+        except InferenceError as e:
+            raise click.UsageError(str(e).replace("--", "--eval-")) from None
+    # the settings the user chose: a resumed run takes every other from its checkpoint
+    run_fit(Config(**settings), given=set(settings))
+
+
+def _fit_settings(typed: dict) -> dict:
+    """fit's options as typed -> Config fields and values."""
+    convert = {
+        "compile_": lambda v: ("compile", v),
+        "crop": lambda v: ("crop", parse_size(v)),
+        "scale": lambda v: ("scale", _range(v)),
+        "data": lambda v: ("data", str(v)),
+        "out": lambda v: ("out", str(v)),
+        "init": lambda v: ("init", str(v)),
+        "decoder": lambda v: ("decoder", _widths(v)),
+        "eval_window": lambda v: ("eval_window", parse_size(v)),
+        "eval_stride": lambda v: ("eval_stride", parse_size(v)),
+        "eval_scales": lambda v: ("eval_scales", _scales(v)),
+        "resume": lambda v: ("resume", "auto" if v == "auto" else True),
+    }
+    return dict(convert.get(name, lambda v, n=name: (n, v))(value)
+                for name, value in typed.items())
 
 
 @main.command()
@@ -554,6 +607,74 @@ def bench_inference(size: str | None, onnx: bool, window: str, stride: str | Non
     if json_out is not None:
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(report, indent=1) + "\n")
+
+
+@main.command("bench-checkpoint")
+@click.option("--encoder", default=DEFAULTS.encoder, help="The model whose checkpoint is saved.")
+@click.option("--width", default=64, type=click.IntRange(1), help="plain: its width.")
+@click.option("--depth", default=4, type=click.IntRange(1), help="plain: its depth.")
+@click.option("--crop", default="512x1024", help="HxW of the synthetic batch.")
+@click.option("--batch-size", default=8, type=click.IntRange(1))
+@click.option("--amp", default="bf16", type=AMPS)
+@click.option("--optimizer", default="sgd", type=click.Choice(["sgd", "adamw"]),
+              help="Its state is saved too (AdamW's is twice SGD's).")
+@click.option("--every", default=",".join(map(str, (50, 100, 200, 500, 1000))),
+              help="The --save-every values to figure the share of time for.")
+@click.option("--saves", default=3, type=click.IntRange(1), help="Saves timed (median).")
+@click.option("--dir", "folder", default=None, type=click.Path(path_type=Path),
+              help="Where to write them: the file system the run will use [the temp dir].")
+@click.option("--step-seconds", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Seconds per training step to figure against [measured here].")
+@click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--json", "json_out", type=click.Path(path_type=Path), default=None,
+              help="Also write the figures here.")
+@friendly_errors
+def bench_checkpoint(crop: str, every: str, json_out: Path | None, **kwargs) -> None:
+    """What a checkpoint save costs the training loop, at each --save-every."""
+    from train.bench_recovery import format_checkpoint_report, run_checkpoint_bench
+
+    try:
+        steps = tuple(int(v) for v in every.split(","))
+    except ValueError:
+        raise click.BadParameter(f"expected steps like 100,500, got {every!r}",
+                                 param_hint="--every") from None
+    report = run_checkpoint_bench(crop=parse_size(crop), every=steps, **kwargs)
+    click.echo(format_checkpoint_report(report))
+    _write_json(json_out, report)
+
+
+@main.command("bench-restart")
+@click.option("--out", default=Path("runs/bench-restart"), type=click.Path(path_type=Path),
+              help="Folder for the shards and the three runs.")
+@click.option("--nproc", default=2, type=click.IntRange(2), help="CPU processes (gloo).")
+@click.option("--width", default=16, type=click.IntRange(1))
+@click.option("--size", default="128x256", help="HxW of the synthetic frames (trained whole).")
+@click.option("--batch-size", default=2, type=click.IntRange(1), help="Per process.")
+@click.option("--steps-per-epoch", default=20, type=click.IntRange(2))
+@click.option("--kill-at", default=0.75, type=click.FloatRange(0, 1, max_open=True),
+              help="How far into epoch 2 rank 1 is SIGKILLed.")
+@click.option("--save-every", default=5, type=click.IntRange(1),
+              help="Step checkpoints of the run that has them.")
+@click.option("--json", "json_out", type=click.Path(path_type=Path), default=None,
+              help="Also write the figures here.")
+@friendly_errors
+def bench_restart(out: Path, size: str, json_out: Path | None, **kwargs) -> None:
+    """Time one SIGKILLed rank costs a run under torchrun, with and without step
+    checkpoints: three runs of 2 epochs on CPU processes (a few minutes)."""
+    import shutil
+
+    from train.bench_recovery import format_restart_report, run_restart_bench
+
+    shutil.rmtree(out, ignore_errors=True)  # the runs must start afresh
+    report = run_restart_bench(out, size=parse_size(size), **kwargs)
+    click.echo(format_restart_report(report))
+    _write_json(json_out, report)
+
+
+def _write_json(path: Path | None, report: dict) -> None:
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=1) + "\n")
 
 
 @main.command("compare-official")
