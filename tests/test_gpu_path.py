@@ -269,3 +269,41 @@ def test_a_checkpoint_of_another_kernel_resumes_under_the_grad_scaler():
     assert all(group["fused"] for group in fused.param_groups)
     _fp16_like_run(fused, model, steps=2)  # GradScaler hands it its device-side inf check
     assert torch.isfinite(model.weight).all()
+
+
+def _steps(optimizer, model, steps: range) -> None:
+    scaler = torch.amp.GradScaler("cpu", init_scale=16.0)  # fused kernels take its inf check
+    for i in steps:
+        optimizer.zero_grad()
+        scaler.scale(model(torch.full((2, 3, 8, 8), 0.1 * i)).square().mean()).backward()
+        scaler.step(optimizer)
+        scaler.update()
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_a_cpu_checkpoint_resumes_onto_the_fused_kernels_of_a_gpu(optimizer):
+    """A CPU run's optimizer state loaded into the fused optimizer CUDA builds: every state
+    lands on its parameter's device, AdamW's `step` included (the fused kernel reads it there;
+    a GPU shown by the meta device), and the run goes on as if never interrupted."""
+    cfg = tiny("unused", "unused", optimizer=optimizer, lr=0.01)
+    torch.manual_seed(0)
+    model = torch.nn.Conv2d(3, 4, 3)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    _steps(engine.build_optimizer(model, cfg, fused=False), model, range(4))
+    whole = model.weight.detach().clone()
+
+    model.load_state_dict(start)
+    first = engine.build_optimizer(model, cfg, fused=False)
+    _steps(first, model, range(2))
+    saved = first.state_dict()
+    gpu = torch.nn.Conv2d(3, 4, 3, device="meta")
+    on_gpu = engine.build_optimizer(gpu, cfg, fused=True)
+    engine.load_optimizer_state(on_gpu, saved)
+    placed = [(name, v.device.type) for p in gpu.parameters()
+              for name, v in on_gpu.state[p].items()]
+    assert placed and all(device == "meta" for _, device in placed), placed
+    fused = engine.build_optimizer(model, cfg, fused=True)
+    engine.load_optimizer_state(fused, saved)
+    assert all(group["fused"] for group in fused.param_groups)
+    _steps(fused, model, range(2, 4))
+    torch.testing.assert_close(model.weight.detach(), whole, rtol=1e-5, atol=1e-6)

@@ -109,13 +109,14 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
 
     The saved param groups replace the optimizer's own, `fused` included: a checkpoint of a
     CPU run would turn a CUDA optimizer built fused into a non-fused one that GradScaler still
-    hands its device-side inf check to, and the first fp16 step would fail.
+    hands its device-side inf check to, and the first fp16 step would fail. The choice goes
+    into the saved groups before loading, because torch places each state by them: AdamW's
+    `step` stays on the CPU for a non-fused group and moves to the parameter's device for a
+    fused one, where the fused kernel reads it.
     """
-    optimizer.load_state_dict(state)
-    for group in optimizer.param_groups:
-        for key in ("fused", "foreach"):
-            if key in optimizer.defaults:
-                group[key] = optimizer.defaults[key]
+    kernels = {k: optimizer.defaults[k] for k in ("fused", "foreach") if k in optimizer.defaults}
+    optimizer.load_state_dict({**state, "param_groups": [{**group, **kernels}
+                                                         for group in state["param_groups"]]})
 
 
 def train_step(model: nn.Module, batch: dict, criterion: nn.Module,
