@@ -174,6 +174,46 @@ def test_data_wait_share_is_the_time_blocked_on_the_loader(monkeypatch, delay, d
     assert 0 < state.elapsed <= sums.seconds
 
 
+class QueuedDevice:
+    """A GPU as its host sees it: each step runs for `step_seconds` after its launch, and
+    the event recorded after it (`engine.step_marker`) is done once that time has passed."""
+
+    def __init__(self, step_seconds: float) -> None:
+        self.step_seconds, self.done_at = step_seconds, 0.0
+
+    def record(self) -> None:
+        self.done_at = time.perf_counter() + self.step_seconds
+
+    def query(self) -> bool:
+        return time.perf_counter() >= self.done_at
+
+
+@pytest.mark.parametrize("step_seconds, batches_waited", [
+    (0.5, 1),  # GPU-bound: next() blocks in the launch queue while the last step runs
+    (0.0, 8),  # the device is idle every time the loader keeps the host waiting
+])
+def test_data_wait_counts_only_what_the_device_waited_for(monkeypatch, step_seconds,
+                                                          batches_waited):
+    """A loader whose `next()` blocks 0.05 s every batch: data wait where the device has run
+    dry (always on the second line; on the first only before the first step)."""
+    delay = 0.05
+    device = QueuedDevice(step_seconds)
+    monkeypatch.setattr(engine, "step_marker", lambda _: device)
+    model = UNet(19, width=4, depth=1)
+    batches = [{"image": torch.randn(2, 3, 8, 8), "label": torch.randint(0, 19, (2, 8, 8))}
+               for _ in range(8)]
+    cfg = tiny("unused", "unused", log_every=4, epochs=1)
+    state = RunState(total_steps=8)
+    criterion = build_loss("segment", palette=[[0, 0, 0]] * 19)
+    optimizer = engine.build_optimizer(model, cfg)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    train_one_epoch(model, FakeLoader(batches, delay), criterion, optimizer, scaler, cfg=cfg,
+                    dist=distributed.Dist(0, 1, 0, torch.device("cpu")), state=state,
+                    stopper=Stopper())
+    assert state.step == 8
+    assert batches_waited * delay <= state.epoch_sums.wait < (batches_waited + 2) * delay
+
+
 @pytest.mark.parametrize("log_every", [1, 3, 20])
 def test_non_finite_loss_names_its_step_whatever_the_cadence(make_dataset, tmp_path,
                                                              monkeypatch, log_every):

@@ -277,6 +277,19 @@ class StepLog:
         return values[:-2], values[-2] > 0, values[-1], seconds
 
 
+def step_marker(device: torch.device) -> torch.cuda.Event | None:
+    """What says, without waiting, whether the device has run the steps launched so far: on
+    CUDA an event the epoch loop records after each step; None elsewhere, where a step has
+    run by the time it returns.
+
+    Time blocked in `next(loader)` is data wait only once the device has run dry. While the
+    last step is still running the host can block in there too, on launches: the loader's
+    normalization kernels wait for room in CUDA's full launch queue. That costs the GPU
+    nothing and is step time, not data wait.
+    """
+    return torch.cuda.Event() if device.type == "cuda" else None
+
+
 def train_one_epoch(model: nn.Module, loader, criterion: nn.Module,
                     optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, *,
                     cfg: Config, dist: distributed.Dist, state: RunState, stopper: Stopper,
@@ -292,6 +305,7 @@ def train_one_epoch(model: nn.Module, loader, criterion: nn.Module,
     log = TrainLog(cfg, dist, state, done, len(loader), writer)
     window = StepLog(dist.device, state.elapsed)
     solo = dist.world_size == 1
+    marker = step_marker(dist.device)
 
     def sync() -> None:
         images, lrs, wait = window.images, window.lrs, window.wait
@@ -330,12 +344,16 @@ def train_one_epoch(model: nn.Module, loader, criterion: nn.Module,
             except StopIteration:
                 return EpochEnd.DONE
             waited = time.perf_counter() - tick
+            if marker is not None and not marker.query():
+                waited = 0.0  # the last step still runs: blocked on launches, not on data
             time_fraction = state.elapsed / cfg.time_limit if cfg.time_limit else 0.0
             lr = lr0 * lr_factor(state.step, state.total_steps, cfg.warmup, time_fraction)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             loss = train_step(model, batch, criterion, optimizer, scaler, amp=cfg.amp,
                               clip_grad=cfg.clip_grad)
+            if marker is not None:
+                marker.record()
             done += 1
             state.step += 1
             window.add(loss, lr, batch["label"].shape[0] * dist.world_size, waited)
