@@ -350,11 +350,12 @@ def gpu_report(out: Path, budget: float) -> None:
     """
     import torch
 
+    from train.distributed import local_device, why_no_cuda
+
     if not torch.cuda.is_available():
-        click.echo("citytrain gpu-report needs a CUDA GPU, and this machine has none "
-                   "(make bench measures the CPU)", err=True)
+        click.echo(f"citytrain gpu-report needs a CUDA GPU (make bench measures the CPU): "
+                   f"{why_no_cuda()}", err=True)
         raise SystemExit(2)
-    from train.distributed import local_device
     from train.gpu_report import Sizes, format_report, run_report
 
     report = run_report(out, local_device("cuda"), Sizes(budget_s=budget))
