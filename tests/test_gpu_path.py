@@ -11,6 +11,7 @@ import pytest
 import torch
 from test_train import blocks, tiny
 
+from pipeline import loader_bench
 from pipeline.loader import build_loader
 from pipeline.sampling import Position
 from train import distributed, engine
@@ -347,3 +348,19 @@ def test_a_cpu_checkpoint_resumes_onto_the_fused_kernels_of_a_gpu(optimizer):
     assert all(group["fused"] for group in fused.param_groups)
     _steps(fused, model, range(2, 4))
     torch.testing.assert_close(model.weight.detach(), whole, rtol=1e-5, atol=1e-6)
+
+
+def test_loader_bench_stops_its_clock_once_the_gpu_is_done(monkeypatch):
+    """On a GPU a batch leaves the loader with its kernels queued: timed without a
+    synchronize, bench-loader would report the host's throughput."""
+    waits = []
+
+    def synchronize(device):  # the GPU finishing the kernels queued so far
+        waits.append(device)
+        time.sleep(0.2)
+
+    monkeypatch.setattr(torch.cuda, "synchronize", synchronize)
+    gpu = torch.device("cuda", 0)
+    batches = iter([{"label": torch.zeros(2, 4, 4)}] * 5)
+    samples, seconds, _ = loader_bench._time(batches, 3, warmup=2, device=gpu)
+    assert samples == 6 and waits == [gpu, gpu] and 0.2 <= seconds < 0.4
