@@ -3,21 +3,25 @@
 from __future__ import annotations
 
 import json
+import time
+from dataclasses import replace
 
 import pytest
 import torch
 from click.testing import CliRunner
 
-from train import distributed
+from pipeline import loader as loader_module
+from train import distributed, gpu_report
 from train.cli import main
 from train.gpu_report import Sizes, run_report
 
+TOY = Sizes(shard=(32, 64), crop=(32, 64), samples=16, batch_size=4, width=4, depth=2,
+           workers=(0,), loader_batches=3, steps=2, fit_steps=8, amps=("off", "bf16"),
+           compile=False)
+
 
 def test_every_stage_runs_and_the_report_is_written(tmp_path):
-    sizes = Sizes(shard=(32, 64), crop=(32, 64), samples=16, batch_size=4, width=4, depth=2,
-                  workers=(0,), loader_batches=3, steps=2, fit_steps=8, amps=("off", "bf16"),
-                  compile=False)
-    report = run_report(tmp_path, torch.device("cpu"), sizes)
+    report = run_report(tmp_path, torch.device("cpu"), TOY)
     assert [x["workers"] for x in report["loader"]] == [0]
     assert report["loader"][0]["alignment"] == 1.0  # every clear pixel names its label
     assert report["loader"][0]["samples_per_s"] > 0
@@ -35,6 +39,47 @@ def test_every_stage_runs_and_the_report_is_written(tmp_path):
     assert json.loads((tmp_path / "report.json").read_text())["device"] == "cpu"
     md = (tmp_path / "report.md").read_text()
     assert "| amp | compile | channels_last | images/s |" in md and "data wait" in md
+    assert report["skipped"] == [] and "Skipped" not in md
+
+
+def test_fit_and_the_report_load_with_the_same_number_of_readers(tmp_path, monkeypatch):
+    """The loader row and the data-wait fit both take `fit`'s default readers."""
+    monkeypatch.setattr(loader_module, "usable_cpus", lambda: 3)
+    seen = []
+    real = gpu_report.build_loader
+    monkeypatch.setattr(gpu_report, "build_loader",
+                        lambda *a, **kw: seen.append(real(*a, **kw)) or seen[-1])
+    report = run_report(tmp_path, torch.device("cpu"), replace(TOY, workers=(None,)))
+    assert [x["workers"] for x in report["loader"]] == [3]
+    assert json.loads((tmp_path / "fit/config.json").read_text())["config"]["workers"] is None
+    assert {x.workers for x in seen} == {3}
+
+
+def _slow_bench(**kwargs) -> dict:
+    time.sleep(4.0)
+    return {**{k: kwargs[k] for k in ("amp", "compile", "channels_last")},
+            "images_per_s": 4.0, "step_time_s": 1.0, "achieved_tflops": 0.1, "peak_tflops": 1.0,
+            "mfu": 0.1, "peak_memory_mb": 1.0, "memory_kind": "process RSS",
+            "gflops_per_image": 1.0}
+
+
+def test_the_report_keeps_to_its_budget_when_a_phase_is_slow(tmp_path, monkeypatch):
+    """Training rows of 4 s each in a 12 s report: what would not fit is skipped, named."""
+    monkeypatch.setattr(gpu_report, "run_bench", _slow_bench)
+    sizes = replace(TOY, amps=("bf16", "off"), budget_s=12.0, fit_startup_s=1.0, compile=True,
+                    compile_s=30.0)
+    report = run_report(tmp_path, torch.device("cpu"), sizes)
+    assert report["seconds"] <= sizes.budget_s
+    done = [r for r in report["training"] if "skipped" not in r]
+    assert 1 <= len(done) <= 2 and len(report["training"]) == 6  # 4 rows, 2 compiled
+    assert report["data_wait"] == {"skipped": "time budget"}
+    assert len(report["skipped"]) == 7 - len(done)  # the rows left out and the fit
+    assert [s.split(" (")[0] for s in report["skipped"][-3:]] == [
+        "data wait", "training bf16 compiled", "training bf16 compiled channels_last"]
+    md = (tmp_path / "report.md").read_text()
+    assert "Skipped to keep to the 12 s budget: " in md and "data wait (needs about" in md
+    assert "fit, bf16: skipped (time budget)" in md
+    assert report["goals"]["met"]["data wait < 2%"] is None
 
 
 def _no_cuda(monkeypatch, tmp_path, nodes: int = 0, smi: bool = False) -> None:
