@@ -364,3 +364,59 @@ def test_loader_bench_stops_its_clock_once_the_gpu_is_done(monkeypatch):
     batches = iter([{"label": torch.zeros(2, 4, 4)}] * 5)
     samples, seconds, _ = loader_bench._time(batches, 3, warmup=2, device=gpu)
     assert samples == 6 and waits == [gpu, gpu] and 0.2 <= seconds < 0.4
+
+
+def test_cuda_settings_are_made_as_asked():
+    """TF32 and cuDNN's autotuner, set for a CUDA device (flags: the CPU can set them), in the
+    settings every reader of them understands; off CUDA nothing is touched."""
+    saved = (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32,
+             torch.backends.cudnn.benchmark)
+    try:
+        assert engine.cuda_speed_settings(torch.device("cpu"), tf32=False) == {}
+        assert torch.backends.cudnn.allow_tf32 == saved[1]
+        for tf32 in (True, False):
+            settings = engine.cuda_speed_settings(torch.device("cuda", 0), tf32=tf32)
+            assert settings == {"tf32": tf32, "cudnn_benchmark": True}
+            assert torch.backends.cuda.matmul.allow_tf32 is tf32
+            assert torch.backends.cudnn.allow_tf32 is tf32 and torch.backends.cudnn.benchmark
+            with torch.backends.cudnn.flags(enabled=True, benchmark=True, allow_tf32=tf32):
+                pass  # what torch.utils.benchmark and inductor do with them
+    finally:
+        torch.set_float32_matmul_precision(saved[0])
+        torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark = saved[1:]
+
+
+def test_gpu_processes_get_torchs_sync_batchnorm_with_the_same_weights():
+    model = UNet(19, width=4, depth=1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    synced = distributed.convert_sync_batchnorm(model, torch.device("cuda", 0))
+    kinds = {type(m) for m in synced.modules()}
+    assert torch.nn.SyncBatchNorm in kinds and torch.nn.BatchNorm2d not in kinds
+    after = synced.state_dict()
+    assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_compile_trains_like_eager_and_saves_the_plain_weights(make_dataset, tmp_path,
+                                                               monkeypatch):
+    """`fit --compile`, one tiny step and its evaluation: torch.compile's capture and
+    AOTAutograd (backend "aot_eager": what a GPU generates, Triton kernels, a CPU cannot show
+    anyway) train the step eager does, and the checkpoint holds the model's own weights."""
+    compiled, real = [], torch.compile
+
+    def compile_(model, **kwargs):
+        compiled.append(type(model).__name__)
+        return real(model, backend="aot_eager")
+
+    monkeypatch.setattr(torch, "compile", compile_)
+    images, labels, names = blocks(4)
+    data = make_dataset({"train": (images, labels, names),
+                         "val": (images[:2], labels[:2], names[:2])})
+    rows = [fit(tiny(data, tmp_path / f"run-{c}", epochs=1, width=4, depth=1, compile=c,
+                     grid_samples=0)) for c in (False, True)]
+    assert compiled == ["UNet", "UNet"]  # the model that trains and the one that evaluates
+    assert rows[1]["step"] == 1
+    for key in ("train_loss", "val_loss"):
+        assert rows[1][key] == pytest.approx(rows[0][key], rel=1e-4)
+    plain, saved = (load_checkpoint(tmp_path / f"run-{c}/checkpoints/last.pt")["model"]
+                    for c in (False, True))
+    assert list(saved) == list(plain)  # no torch.compile wrapper in the names
