@@ -17,7 +17,7 @@ OTHER_CUDA := $(if $(filter 12,$(CUDA)),13,12)
 CHECKPOINT ?= $(RUN)/checkpoints/best.pt
 ARGS ?=
 
-.PHONY: install test demo preprocess train evaluate bench gpu-report lint clean
+.PHONY: install test coverage demo preprocess train evaluate bench gpu-report lint clean
 
 install: $(STAMP)
 
@@ -31,6 +31,14 @@ $(STAMP): pyproject.toml
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# The suite under coverage: what the CPU runs. docs/design.md names the GPU-path lines it
+# cannot and why; runs/coverage/ holds the data.
+coverage: install
+	rm -rf runs/coverage && mkdir -p runs/coverage
+	$(BIN)/python -m coverage run -m pytest -q
+	$(BIN)/python -m coverage combine -q
+	$(BIN)/python -m coverage report
 
 lint: install
 	$(BIN)/ruff check .

@@ -20,8 +20,14 @@ TOY = Sizes(shard=(32, 64), crop=(32, 64), samples=16, batch_size=4, width=4, de
            compile=False)
 
 
-def test_every_stage_runs_and_the_report_is_written(tmp_path):
-    report = run_report(tmp_path, torch.device("cpu"), TOY)
+@pytest.fixture(scope="module")
+def toy_report(tmp_path_factory) -> tuple:
+    out = tmp_path_factory.mktemp("report")
+    return out, run_report(out, torch.device("cpu"), TOY)
+
+
+def test_every_stage_runs_and_the_report_is_written(toy_report):
+    tmp_path, report = toy_report
     assert [x["workers"] for x in report["loader"]] == [0]
     assert report["loader"][0]["alignment"] == 1.0  # every clear pixel names its label
     assert report["loader"][0]["samples_per_s"] > 0
@@ -40,6 +46,38 @@ def test_every_stage_runs_and_the_report_is_written(tmp_path):
     md = (tmp_path / "report.md").read_text()
     assert "| amp | compile | channels_last | images/s |" in md and "data wait" in md
     assert report["skipped"] == [] and "Skipped" not in md
+
+
+def test_the_command_measures_on_the_gpu_within_its_budget(toy_report, monkeypatch, tmp_path):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    asked = []
+    monkeypatch.setattr(gpu_report, "run_report",
+                        lambda out, device, sizes: asked.append((out, device, sizes.budget_s))
+                        or toy_report[1])
+    result = CliRunner().invoke(main, ["gpu-report", "--out", str(tmp_path), "--budget", "99"])
+    assert result.exit_code == 0, result.output
+    assert asked == [(tmp_path, torch.device("cuda", 0), 99.0)]
+    assert result.output.startswith("# gpu-report: cpu, ")
+    assert result.output.endswith(f"wrote {tmp_path / 'report.md'} and "
+                                  f"{tmp_path / 'report.json'}\n")
+
+
+def test_the_gpu_peaks_are_measured_with_tf32_off_then_on_and_left_off(monkeypatch):
+    """The MFU table's fp32 peak is true fp32, its tf32 peak TF32's; the rows after it run
+    with TF32 off."""
+    seen = []
+    monkeypatch.setattr(gpu_report, "measure_matmul_tflops", lambda device, amp: seen.append(
+        (amp, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)) or 1.0)
+    saved = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    try:
+        peaks = gpu_report.measure_peaks(torch.device("cuda", 0), ("bf16", "off"))
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+    finally:
+        torch.set_float32_matmul_precision(saved[0])
+        torch.backends.cudnn.allow_tf32 = saved[1]
+    assert list(peaks) == ["bf16", "fp32", "tf32"]
+    assert seen == [("bf16", False, False), ("off", False, False), ("off", True, True)]
 
 
 def test_fit_and_the_report_load_with_the_same_number_of_readers(tmp_path, monkeypatch):

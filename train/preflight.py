@@ -113,8 +113,7 @@ class GpuMemory:
         self.device = device
 
     def budget(self, dist: distributed.Dist) -> tuple[float, str, int]:
-        free, _ = torch.cuda.mem_get_info(self.device)
-        return float(free), f"free on {self.device}", 1
+        return float(torch.cuda.mem_get_info(self.device)[0]), f"free on {self.device}", 1
 
     def reset(self) -> None:
         torch.cuda.reset_peak_memory_stats(self.device)
