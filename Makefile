@@ -37,7 +37,6 @@ test: install
 coverage: install
 	rm -rf runs/coverage && mkdir -p runs/coverage
 	$(BIN)/python -m coverage run -m pytest -q
-	$(BIN)/python -m coverage combine -q
 	$(BIN)/python -m coverage report
 
 lint: install
