@@ -71,6 +71,44 @@ def test_model_and_loader_get_the_same_gpu(make_dataset, monkeypatch, visible, l
     assert seen == {"loaders": [gpu], "model": gpu}
 
 
+def test_a_gpu_rank_joins_nccl_and_trains_its_gpu_under_ddp(make_dataset, monkeypatch):
+    """Rank 1 of 2 on a node with 2 GPUs: NCCL with this rank's device, torch's SyncBatchNorm,
+    DDP over that device; the model and loss stay on the CPU here, the rest is fit's own."""
+    images, labels, names = blocks(8)
+    data = make_dataset({"train": (images, labels, names)})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    for key, value in dict(RANK=1, WORLD_SIZE=2, LOCAL_RANK=1, LOCAL_WORLD_SIZE=2).items():
+        monkeypatch.setenv(key, str(value))
+    monkeypatch.setattr(fit_module, "cuda_speed_settings", lambda device, tf32: {})
+    seen = {}
+    monkeypatch.setattr(distributed.dist, "init_process_group",
+                        lambda **kwargs: seen.update(group=kwargs))
+
+    def on_the_cpu(module):
+        module.to = lambda *args, **kwargs: module  # what a GPU would hold stays here
+        return module
+
+    real_convert, real_loss = distributed.convert_sync_batchnorm, fit_module.build_loss
+    monkeypatch.setattr(distributed, "convert_sync_batchnorm",
+                        lambda model, device: on_the_cpu(real_convert(model, device)))
+    monkeypatch.setattr(fit_module, "build_loss",
+                        lambda *args, **kwargs: on_the_cpu(real_loss(*args, **kwargs)))
+
+    def ddp(model, device_ids):
+        seen.update(device_ids=device_ids, norms={type(m).__name__ for m in model.modules()
+                                                  if "Norm" in type(m).__name__})
+        raise _Placed
+
+    monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel", ddp)
+    with pytest.raises(_Placed):
+        fit(replace(tiny(data, "unused", batch_size=2), device="auto", preflight=False))
+    gpu = torch.device("cuda", 1)
+    assert seen == {"group": {"backend": "nccl", "rank": 1, "world_size": 2, "device_id": gpu},
+                    "device_ids": [1], "norms": {"SyncBatchNorm"}}
+
+
 def test_an_absent_gpu_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(RuntimeError, match="--device cuda: no CUDA device is available"):
