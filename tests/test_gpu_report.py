@@ -48,6 +48,23 @@ def test_every_stage_runs_and_the_report_is_written(toy_report):
     assert report["skipped"] == [] and "Skipped" not in md
 
 
+def test_a_rerun_reuses_its_shards_and_a_spent_budget_cuts_what_runs(toy_report, tmp_path):
+    out, _ = toy_report
+    shards, cpu = out / "shards", torch.device("cpu")
+    written = (shards / "manifest.json").stat().st_mtime_ns
+    assert gpu_report.synthetic_shards(shards, TOY) == shards
+    assert (shards / "manifest.json").stat().st_mtime_ns == written  # written once
+    # the budget's end already passed: the loader's timing stops after one batch, and a fit
+    # with no time left stops inside its first epoch, which the figure leaves out
+    assert gpu_report.measure_loader(shards, cpu, TOY, 0, until=0.0)["samples_per_s"] > 0
+    assert gpu_report.measure_data_wait(shards, cpu, TOY, tmp_path, time_limit=1e-9) == {
+        "skipped": "the time budget ended the fit in its first epoch"}
+    budget = gpu_report.Budget(60.0)
+    assert gpu_report._data_wait_phase(shards, cpu, TOY, tmp_path, budget, [
+        {"amp": "off", "step_time_s": 0.1}]) == {"skipped": "time budget"}
+    assert budget.skipped == ["data wait (no bf16 step time to plan the fit by)"]
+
+
 def test_the_command_measures_on_the_gpu_within_its_budget(toy_report, monkeypatch, tmp_path):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
