@@ -42,16 +42,24 @@ from pipeline.shards import load_manifest
 # same draw to image and label. Both leave as uint8 HWC; `photometric.Normalizer` takes it on.
 
 def scale_crop_flip(image, label, params):
-    """Resize the random source window (mirrored when flipped) to the output size.
+    """Cut the random source window out, resize it to the output size, mirrored when flipped.
 
-    The label is resized with nearest, so it is never blended.
+    Cut first, so that the resize reads nothing outside the window (a resize over a region of
+    interest would blend the pixels beyond its edges in): the same as `pipeline.geometry`. The
+    label is resized with nearest, so it is never blended.
     """
     from nvidia.dali import fn, types
+    from nvidia.dali import math as dmath
 
-    roi = dict(roi_start=params[WINDOW_START], roi_end=params[WINDOW_END], roi_relative=False,
-               size=params[OUTPUT_SIZE])
-    image = fn.resize(image, **roi, interp_type=types.INTERP_LINEAR, antialias=False)
-    label = fn.resize(label, **roi, interp_type=types.INTERP_NN)
+    start, end = params[WINDOW_START], params[WINDOW_END]  # x ends swapped when flipped
+    mirror = fn.cast(start > end, dtype=types.FLOAT)  # per axis: 1 where flipped
+    window = dict(start=fn.cast(dmath.min(start, end), dtype=types.INT32),
+                  end=fn.cast(dmath.max(start, end), dtype=types.INT32), axis_names="HW")
+    resize = dict(roi_start=mirror, roi_end=1 - mirror, roi_relative=True,
+                  size=params[OUTPUT_SIZE])
+    image = fn.resize(fn.slice(image, **window), **resize, interp_type=types.INTERP_LINEAR,
+                      antialias=False)
+    label = fn.resize(fn.slice(label, **window), **resize, interp_type=types.INTERP_NN)
     return image, label
 
 
@@ -65,11 +73,14 @@ def pad(image, label, crop):
     return image, label
 
 
-def segmentation_graph(source, *, aug: Augment | None, gpu: bool, parallel: bool):
+def segmentation_graph(source, *, aug: Augment | None, gpu: bool, parallel: bool,
+                       geometry: bool | None = None):
     """Read (CPU workers) -> to the GPU -> scale, crop and flip -> pad to the crop.
 
     Without a GPU the graph only reads: DALI's CPU resize is slow, so `pipeline.geometry`
     does the geometry on the batch in torch's uint8 kernels (the same as the torch backend).
+    `geometry` (default: `gpu`) puts it in the graph; the tests run that on DALI's CPU
+    operators against `pipeline.geometry`.
     """
     from nvidia.dali import fn
 
@@ -81,9 +92,11 @@ def segmentation_graph(source, *, aug: Augment | None, gpu: bool, parallel: bool
     if aug is None:
         return (image.gpu(), label.gpu(), index) if gpu else (image, label, index)
     params = outputs[3]
-    if not gpu:
+    if not (gpu if geometry is None else geometry):  # the CPU loader: geometry in torch
         return image, label, index, params
-    image, label = scale_crop_flip(image.gpu(), label.gpu(), params)
+    if gpu:
+        image, label = image.gpu(), label.gpu()
+    image, label = scale_crop_flip(image, label, params)
     image, label = pad(image, label, aug.crop)
     return image, label, index, params  # colour jitter and normalization: in torch
 
@@ -194,9 +207,6 @@ class DaliLoader(Loader):
 
         self.close()
         gpu = self.device.type == "cuda"
-        if gpu and (problem := dali_cuda_mismatch()) and not _noticed.count(problem):
-            print(f"warning: {problem}", file=sys.stderr)
-            _noticed.append(problem)
         source = ShardSource(ShardReader(self.files, self.counts), self.plan, self.aug,
                              self.size, start.stream(len(self)))
         self._pipe = pipeline_def(segmentation_graph)(
@@ -338,6 +348,10 @@ def build_loader(data_dir: str | Path, split: str, batch_size: int, *, train: bo
               f"of each training sample is padding, which trains nothing; use --crop "
               f"{min(aug.crop[0], size[0])}x{min(aug.crop[1], size[1])} or preprocess at a "
               "larger --size", file=sys.stderr)
+    if backend == "dali" and device.type == "cuda" and (problem := dali_cuda_mismatch()) \
+            and not _noticed.count(problem):
+        print(f"warning: {problem}", file=sys.stderr)
+        _noticed.append(problem)
     cls = DaliLoader
     if backend == "torch":
         from pipeline.torch_loader import TorchLoader as cls

@@ -76,14 +76,26 @@ def _endless(loader):
         yield from loader
 
 
-def _time(batches, n: int, warmup: int) -> tuple[int, float, float]:
-    """Samples, seconds and CPU seconds for `n` batches after `warmup` untimed ones."""
+def _synchronize(device: torch.device | None) -> None:
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time(batches, n: int, warmup: int, device: torch.device | None = None) \
+        -> tuple[int, float, float]:
+    """Samples, seconds and CPU seconds for `n` batches after `warmup` untimed ones.
+
+    On a GPU a batch is handed out while its kernels are still queued: the clock starts and
+    stops with the device done, or it would time the host alone.
+    """
     for _ in range(warmup):
         next(batches)
+    _synchronize(device)
     samples, start, cpu = 0, time.perf_counter(), cpu_seconds()
     for batch in itertools.islice(batches, n):
         labels = batch["label"] if isinstance(batch, dict) else batch[1]
         samples += len(labels)
+    _synchronize(device)
     return samples, time.perf_counter() - start, cpu_seconds() - cpu
 
 
@@ -118,7 +130,7 @@ def _bench(data_dir: Path, batch_size: int, workers: int | None, crop: tuple[int
                           backend=backend)
     if len(loader) == 0:
         raise ShardError(f"{data_dir}: fewer than {batch_size} training samples")
-    timing = _time(_endless(loader), batches, warmup)
+    timing = _time(_endless(loader), batches, warmup, loader.device)
     kind = f"{type(loader).__name__}, {loader.device.type}"
     rows = [_row(f"shards ({kind})", loader.workers, batch_size, *timing, w * h * 4)]
     loader.close()

@@ -100,6 +100,12 @@ def draw_augment(seed: int, epoch: int, index: int, size: tuple[int, int],
     where the scaled image is smaller than the crop, the output is smaller and gets padded.
     A flip swaps the window's x ends: resizing a mirrored window mirrors the output. The
     fields are named above (WINDOW_START ... COLOUR); `Window.of` reads the geometry.
+
+    Output pixel i of n samples the window of `win` pixels at (i + 1/2) win / n; when win
+    holds more factors of two than n, some of those points fall exactly on a border between
+    two source pixels, where nearest has two answers and the GPU's float32 arithmetic and
+    the CPU's each pick one. A window one pixel smaller (odd) has no such point, so the
+    label is the same on every kernel.
     """
     s, uy, ux, coin, *colour = np.random.default_rng((seed, epoch, index, 1)).random(8)
     s = aug.scale[0] + s * (aug.scale[1] - aug.scale[0])
@@ -108,6 +114,8 @@ def draw_augment(seed: int, epoch: int, index: int, size: tuple[int, int],
     for axis, u in enumerate((uy, ux)):
         n = min(aug.crop[axis], max(1, round(size[axis] * s)))
         win = min(size[axis], max(1, round(n / s)))
+        if win & -win > n & -n:  # more factors of two in win than in n: see below
+            win -= 1
         first = int(u * (size[axis] - win + 1))
         start[axis], end[axis], out[axis] = first, first + win, n
     if aug.flip and coin < 0.5:

@@ -19,7 +19,7 @@ from train.checkpoint import load_checkpoint
 from train.config import Config
 from train.fit import fit
 from train.losses import build_loss
-from train.metrics import ConfusionMatrix
+from train.metrics import ConfusionMatrix, InstanceStats
 from train.models.plain import UNet
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
@@ -115,6 +115,60 @@ def test_confusion_matrix_is_the_same_on_cpu_and_cuda():
         cm.update(logits.to(device).argmax(1), target.to(device))
         mats.append(cm.mat.cpu())
     assert torch.equal(mats[0], mats[1]) and mats[0].sum() == 3 * 59 * 96
+
+
+def test_the_confusion_matrix_counts_on_cuda_without_a_host_sync():
+    g = torch.Generator().manual_seed(0)
+    pred = torch.randint(0, 19, (2, 64, 96), generator=g)
+    target = torch.randint(0, 19, (2, 64, 96), generator=g).to(torch.uint8)
+    target[:, :5] = 255
+    pred, target = pred.cuda(), target.cuda()
+    cm = ConfusionMatrix(19, device="cuda")
+    torch.cuda.set_sync_debug_mode("error")  # any blocking call below raises
+    try:
+        cm.update(pred, target)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert cm.mat.sum().item() == 2 * 59 * 96
+
+
+def test_full_resolution_instance_scores_on_cuda_take_the_pngs_uint16_ids():
+    from test_metrics import GUESS, INSTANCES, TRAINID
+
+    ids = INSTANCES.numpy().astype(np.uint16)  # as read_instance_ids hands them out
+    sums = []
+    for device in ("cpu", "cuda"):
+        stats = InstanceStats(TRAINID, device=device)
+        stats.update(GUESS.to(device), ids)
+        sums.append(stats.sums.cpu())
+    assert sums[0].abs().sum() > 0
+    torch.testing.assert_close(sums[1], sums[0], rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_a_cpu_checkpoint_resumes_on_the_gpus_fused_kernels(optimizer):
+    cfg = Config(optimizer=optimizer, lr=0.01)
+    torch.manual_seed(0)
+    model = torch.nn.Conv2d(3, 4, 3)
+    x = torch.randn(2, 3, 8, 8)
+    cpu = engine.build_optimizer(model, cfg)
+    model(x).square().mean().backward()
+    cpu.step()
+    model.cuda()
+    gpu = engine.build_optimizer(model, cfg)
+    assert gpu.defaults["fused"]
+    engine.load_optimizer_state(gpu, cpu.state_dict())
+    scaler = torch.amp.GradScaler("cuda", init_scale=2.0**18)  # overflows first: skipped
+    for _ in range(3):
+        gpu.zero_grad()
+        with torch.autocast("cuda", dtype=torch.float16):
+            loss = model(x.cuda()).float().square().mean()
+        scaler.scale(loss).backward()
+        scaler.step(gpu)
+        scaler.update()
+    torch.cuda.synchronize()
+    assert all(v.is_cuda for p in model.parameters() for v in gpu.state[p].values())
+    assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs for 2 NCCL processes")

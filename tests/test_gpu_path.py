@@ -11,6 +11,7 @@ import pytest
 import torch
 from test_train import blocks, tiny
 
+from pipeline import loader_bench
 from pipeline.loader import build_loader
 from pipeline.sampling import Position
 from train import distributed, engine
@@ -69,6 +70,44 @@ def test_model_and_loader_get_the_same_gpu(make_dataset, monkeypatch, visible, l
     with pytest.raises(_Placed):
         fit(replace(tiny(data, "unused"), device="auto", workers=0, preflight=False))
     assert seen == {"loaders": [gpu], "model": gpu}
+
+
+def test_a_gpu_rank_joins_nccl_and_trains_its_gpu_under_ddp(make_dataset, monkeypatch):
+    """Rank 1 of 2 on a node with 2 GPUs: NCCL with this rank's device, torch's SyncBatchNorm,
+    DDP over that device; the model and loss stay on the CPU here, the rest is fit's own."""
+    images, labels, names = blocks(8)
+    data = make_dataset({"train": (images, labels, names)})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    for key, value in dict(RANK=1, WORLD_SIZE=2, LOCAL_RANK=1, LOCAL_WORLD_SIZE=2).items():
+        monkeypatch.setenv(key, str(value))
+    monkeypatch.setattr(fit_module, "cuda_speed_settings", lambda device, tf32: {})
+    seen = {}
+    monkeypatch.setattr(distributed.dist, "init_process_group",
+                        lambda **kwargs: seen.update(group=kwargs))
+
+    def on_the_cpu(module):
+        module.to = lambda *args, **kwargs: module  # what a GPU would hold stays here
+        return module
+
+    real_convert, real_loss = distributed.convert_sync_batchnorm, fit_module.build_loss
+    monkeypatch.setattr(distributed, "convert_sync_batchnorm",
+                        lambda model, device: on_the_cpu(real_convert(model, device)))
+    monkeypatch.setattr(fit_module, "build_loss",
+                        lambda *args, **kwargs: on_the_cpu(real_loss(*args, **kwargs)))
+
+    def ddp(model, device_ids):
+        seen.update(device_ids=device_ids, norms={type(m).__name__ for m in model.modules()
+                                                  if "Norm" in type(m).__name__})
+        raise _Placed
+
+    monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel", ddp)
+    with pytest.raises(_Placed):
+        fit(replace(tiny(data, "unused", batch_size=2), device="auto", preflight=False))
+    gpu = torch.device("cuda", 1)
+    assert seen == {"group": {"backend": "nccl", "rank": 1, "world_size": 2, "device_id": gpu},
+                    "device_ids": [1], "norms": {"SyncBatchNorm"}}
 
 
 def test_an_absent_gpu_is_a_clear_error(monkeypatch):
@@ -175,6 +214,46 @@ def test_data_wait_share_is_the_time_blocked_on_the_loader(monkeypatch, delay, d
     assert 0 < state.elapsed <= sums.seconds
 
 
+class QueuedDevice:
+    """A GPU as its host sees it: each step runs for `step_seconds` after its launch, and
+    the event recorded after it (`engine.step_marker`) is done once that time has passed."""
+
+    def __init__(self, step_seconds: float) -> None:
+        self.step_seconds, self.done_at = step_seconds, 0.0
+
+    def record(self) -> None:
+        self.done_at = time.perf_counter() + self.step_seconds
+
+    def query(self) -> bool:
+        return time.perf_counter() >= self.done_at
+
+
+@pytest.mark.parametrize("step_seconds, batches_waited", [
+    (0.5, 1),  # GPU-bound: next() blocks in the launch queue while the last step runs
+    (0.0, 8),  # the device is idle every time the loader keeps the host waiting
+])
+def test_data_wait_counts_only_what_the_device_waited_for(monkeypatch, step_seconds,
+                                                          batches_waited):
+    """A loader whose `next()` blocks 0.05 s every batch: data wait where the device has run
+    dry (always on the second line; on the first only before the first step)."""
+    delay = 0.05
+    device = QueuedDevice(step_seconds)
+    monkeypatch.setattr(engine, "step_marker", lambda _: device)
+    model = UNet(19, width=4, depth=1)
+    batches = [{"image": torch.randn(2, 3, 8, 8), "label": torch.randint(0, 19, (2, 8, 8))}
+               for _ in range(8)]
+    cfg = tiny("unused", "unused", log_every=4, epochs=1)
+    state = RunState(total_steps=8)
+    criterion = build_loss("segment", palette=[[0, 0, 0]] * 19)
+    optimizer = engine.build_optimizer(model, cfg)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    train_one_epoch(model, FakeLoader(batches, delay), criterion, optimizer, scaler, cfg=cfg,
+                    dist=distributed.Dist(0, 1, 0, torch.device("cpu")), state=state,
+                    stopper=Stopper())
+    assert state.step == 8
+    assert batches_waited * delay <= state.epoch_sums.wait < (batches_waited + 2) * delay
+
+
 @pytest.mark.parametrize("log_every", [1, 3, 20])
 def test_non_finite_loss_names_its_step_whatever_the_cadence(make_dataset, tmp_path,
                                                              monkeypatch, log_every):
@@ -270,3 +349,113 @@ def test_a_checkpoint_of_another_kernel_resumes_under_the_grad_scaler():
     assert all(group["fused"] for group in fused.param_groups)
     _fp16_like_run(fused, model, steps=2)  # GradScaler hands it its device-side inf check
     assert torch.isfinite(model.weight).all()
+
+
+def _steps(optimizer, model, steps: range) -> None:
+    scaler = torch.amp.GradScaler("cpu", init_scale=16.0)  # fused kernels take its inf check
+    for i in steps:
+        optimizer.zero_grad()
+        scaler.scale(model(torch.full((2, 3, 8, 8), 0.1 * i)).square().mean()).backward()
+        scaler.step(optimizer)
+        scaler.update()
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_a_cpu_checkpoint_resumes_onto_the_fused_kernels_of_a_gpu(optimizer):
+    """A CPU run's optimizer state loaded into the fused optimizer CUDA builds: every state
+    lands on its parameter's device, AdamW's `step` included (the fused kernel reads it there;
+    a GPU shown by the meta device), and the run goes on as if never interrupted."""
+    cfg = tiny("unused", "unused", optimizer=optimizer, lr=0.01)
+    torch.manual_seed(0)
+    model = torch.nn.Conv2d(3, 4, 3)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    _steps(engine.build_optimizer(model, cfg, fused=False), model, range(4))
+    whole = model.weight.detach().clone()
+
+    model.load_state_dict(start)
+    first = engine.build_optimizer(model, cfg, fused=False)
+    _steps(first, model, range(2))
+    saved = first.state_dict()
+    gpu = torch.nn.Conv2d(3, 4, 3, device="meta")
+    on_gpu = engine.build_optimizer(gpu, cfg, fused=True)
+    engine.load_optimizer_state(on_gpu, saved)
+    placed = [(name, v.device.type) for p in gpu.parameters()
+              for name, v in on_gpu.state[p].items()]
+    assert placed and all(device == "meta" for _, device in placed), placed
+    fused = engine.build_optimizer(model, cfg, fused=True)
+    engine.load_optimizer_state(fused, saved)
+    assert all(group["fused"] for group in fused.param_groups)
+    _steps(fused, model, range(2, 4))
+    torch.testing.assert_close(model.weight.detach(), whole, rtol=1e-5, atol=1e-6)
+
+
+def test_loader_bench_stops_its_clock_once_the_gpu_is_done(monkeypatch):
+    """On a GPU a batch leaves the loader with its kernels queued: timed without a
+    synchronize, bench-loader would report the host's throughput."""
+    waits = []
+
+    def synchronize(device):  # the GPU finishing the kernels queued so far
+        waits.append(device)
+        time.sleep(0.2)
+
+    monkeypatch.setattr(torch.cuda, "synchronize", synchronize)
+    gpu = torch.device("cuda", 0)
+    batches = iter([{"label": torch.zeros(2, 4, 4)}] * 5)
+    samples, seconds, _ = loader_bench._time(batches, 3, warmup=2, device=gpu)
+    assert samples == 6 and waits == [gpu, gpu] and 0.2 <= seconds < 0.4
+
+
+def test_cuda_settings_are_made_as_asked():
+    """TF32 and cuDNN's autotuner, set for a CUDA device (flags: the CPU can set them), in the
+    settings every reader of them understands; off CUDA nothing is touched."""
+    saved = (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32,
+             torch.backends.cudnn.benchmark)
+    try:
+        assert engine.cuda_speed_settings(torch.device("cpu"), tf32=False) == {}
+        assert torch.backends.cudnn.allow_tf32 == saved[1]
+        for tf32 in (True, False):
+            settings = engine.cuda_speed_settings(torch.device("cuda", 0), tf32=tf32)
+            assert settings == {"tf32": tf32, "cudnn_benchmark": True}
+            assert torch.backends.cuda.matmul.allow_tf32 is tf32
+            assert torch.backends.cudnn.allow_tf32 is tf32 and torch.backends.cudnn.benchmark
+            with torch.backends.cudnn.flags(enabled=True, benchmark=True, allow_tf32=tf32):
+                pass  # what torch.utils.benchmark and inductor do with them
+    finally:
+        torch.set_float32_matmul_precision(saved[0])
+        torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark = saved[1:]
+
+
+def test_gpu_processes_get_torchs_sync_batchnorm_with_the_same_weights():
+    model = UNet(19, width=4, depth=1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    synced = distributed.convert_sync_batchnorm(model, torch.device("cuda", 0))
+    kinds = {type(m) for m in synced.modules()}
+    assert torch.nn.SyncBatchNorm in kinds and torch.nn.BatchNorm2d not in kinds
+    after = synced.state_dict()
+    assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_compile_trains_like_eager_and_saves_the_plain_weights(make_dataset, tmp_path,
+                                                               monkeypatch):
+    """`fit --compile`, one tiny step and its evaluation: torch.compile's capture and
+    AOTAutograd (backend "aot_eager": what a GPU generates, Triton kernels, a CPU cannot show
+    anyway) train the step eager does, and the checkpoint holds the model's own weights."""
+    compiled, real = [], torch.compile
+
+    def compile_(model, **kwargs):
+        compiled.append(type(model).__name__)
+        return real(model, backend="aot_eager")
+
+    monkeypatch.setattr(torch, "compile", compile_)
+    images, labels, names = blocks(4)
+    data = make_dataset({"train": (images, labels, names),
+                         "val": (images[:2], labels[:2], names[:2])})
+    rows = [fit(tiny(data, tmp_path / f"run-{c}", epochs=1, width=4, depth=1, compile=c,
+                     grid_samples=0)) for c in (False, True)]
+    assert compiled == ["UNet", "UNet"]  # the model that trains and the one that evaluates
+    assert rows[1]["step"] == 1
+    for key in ("train_loss", "val_loss"):
+        assert rows[1][key] == pytest.approx(rows[0][key], rel=1e-4)
+    plain, saved = (load_checkpoint(tmp_path / f"run-{c}/checkpoints/last.pt")["model"]
+                    for c in (False, True))
+    assert list(saved) == list(plain)  # no torch.compile wrapper in the names

@@ -305,3 +305,68 @@ def test_default_workers_share_the_usable_cpus_among_local_ranks(monkeypatch):
     assert loader_module.default_workers("dali") == loader_module.READERS_PER_RANK == 4
     monkeypatch.setattr(loader_module, "usable_cpus", lambda: 2)
     assert loader_module.default_workers("torch") == loader_module.default_workers("dali") == 1
+
+
+@pytest.mark.skipif(not dali_available(), reason="nvidia.dali not installed")
+def test_the_gpu_graph_on_dalis_cpu_operators_matches_the_cpu_geometry(make_dataset):
+    """The DALI graph's geometry, which only a GPU runs in training, here on DALI's CPU
+    operators: on the same samples and draws as pipeline/geometry.py it gives the same labels
+    and images within one grey level (two implementations of bilinear)."""
+    from nvidia.dali import pipeline_def
+
+    from pipeline.geometry import augment_batch
+    from pipeline.loader import segmentation_graph
+    from pipeline.sampling import (
+        OUTPUT_SIZE,
+        WINDOW_END,
+        WINDOW_START,
+        ShardReader,
+        ShardSource,
+    )
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (16, H, W, 3), dtype=np.uint8)  # noise: every pixel counts
+    labels = rng.integers(0, 19, (16, H, W), dtype=np.uint8)
+    loader = load(make_dataset({"train": (images, labels, arrays(16, 0)[2])}), "train", 8,
+                  "dali", scale=(0.5, 1.5))
+    batches = {}
+    for geometry in (False, True):  # raw samples, as the CPU loader reads them; the graph's
+        source = ShardSource(ShardReader(loader.files, loader.counts), loader.plan, loader.aug,
+                             loader.size, 0)
+        pipe = pipeline_def(segmentation_graph)(
+            source, aug=loader.aug, gpu=False, parallel=False, geometry=geometry,
+            batch_size=8, num_threads=1, device_id=None, seed=0)
+        pipe.build()
+        batches[geometry] = [[out.as_array() for out in pipe.run()] for _ in range(2)]
+    flipped = padded = magnified = 0
+    for (image, label, index, params), (got, got_label, got_index, _) in zip(batches[False],
+                                                                             batches[True]):
+        want, want_label = augment_batch(torch.from_numpy(image), torch.from_numpy(label),
+                                         torch.from_numpy(params), loader.aug.crop)
+        assert np.array_equal(got_index, index) and got.shape == (8, *CROP, 3)
+        assert np.array_equal(got_label[..., 0], want_label.numpy())
+        assert np.abs(got.astype(np.int16) - want.numpy()).max() <= 1
+        flipped += int((params[:, WINDOW_END][:, 1] < params[:, WINDOW_START][:, 1]).sum())
+        padded += int((want_label == 255).flatten(1).any(1).sum())
+        window = params[:, WINDOW_END][:, 0] - params[:, WINDOW_START][:, 0]
+        magnified += int((params[:, OUTPUT_SIZE][:, 0] > window).sum())
+    assert 0 < flipped < 16 and 0 < padded < 16 and 0 < magnified < 16
+
+
+@pytest.mark.skipif(not dali_available(), reason="nvidia.dali not installed")
+def test_a_dali_built_for_another_cuda_is_named_once_with_the_fix(data, monkeypatch, capsys):
+    """Two CUDA runtimes in one process: a GPU loader says so when it is built, once."""
+    import nvidia.dali
+
+    monkeypatch.setattr(nvidia.dali, "__cuda_version__", 12090, raising=False)
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(loader_module, "_noticed", [])
+    for _ in range(2):  # building touches no GPU: that waits for the first batch
+        build_loader(data[0], "train", 2, train=True, crop=CROP, device=torch.device("cuda", 0),
+                     backend="dali", workers=0)
+    assert capsys.readouterr().err.splitlines() == [
+        "warning: nvidia-dali is built for CUDA 12 and torch for CUDA 13: two CUDA runtimes in "
+        "one process; install the matching build: pip install -e '.[cuda13]' (make install "
+        "CUDA=13)"]
+    monkeypatch.setattr(nvidia.dali, "__cuda_version__", 13000)
+    assert loader_module.dali_cuda_mismatch() is None

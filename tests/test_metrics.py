@@ -3,12 +3,14 @@ processes. (Agreement with cityscapesScripts' evaluator itself: tests/test_expor
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from pipeline.labels import get_mapping
+from train import metrics
 from train.metrics import AVERAGE_INSTANCE_SIZE, ConfusionMatrix, InstanceStats
 
 CLASSES = ["a", "b", "c", "d"]
@@ -112,6 +114,37 @@ def test_instance_iou_by_hand():
     assert list(r["category_instance_iou"]) == ["human", "vehicle"]
     assert r["category_iiou"] == pytest.approx((1 + car / (2 * car + 1)) / 2)
     assert person > 0 and r["miou"] is not None
+
+
+def test_the_gpu_branch_of_instance_stats_takes_the_pngs_uint16_ids():
+    """A GPU scores with torch (the CPU with numpy): both branches, on the uint16 arrays that
+    read_instance_ids hands out, give the same sums (torch compares no uint16)."""
+    ids = INSTANCES.numpy().astype(np.uint16)
+    sums = []
+    for numpy in (True, False):
+        stats = InstanceStats(TRAINID)
+        stats._numpy = numpy
+        for pred in (GUESS, GUESS.roll(3)):
+            stats.update(pred, ids)
+        with pytest.raises(ValueError, match="prediction of 11 pixels, instance ids of 12"):
+            stats.update(GUESS[1:], ids)
+        sums.append(stats.sums)
+    assert sums[0].abs().sum() > 0
+    torch.testing.assert_close(sums[1], sums[0], rtol=1e-12, atol=0)
+
+
+def test_the_gpu_confusion_matrix_counts_without_reading_back():
+    """On a GPU the matrix is counted on the device with nothing read back per batch. The
+    meta device holds no values, so anything that reads one back (torch.bincount sizing its
+    output from the max) fails there; and the same kernels count what numpy counts."""
+    cm = ConfusionMatrix(4, device="meta")
+    cm.update(PRED.to("meta"), TARGET.to("meta"))
+    assert cm.mat.shape == (4, 4) and cm.mat.device.type == "meta"
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randint(0, 256, (5000,), generator=g), torch.randint(0, 19, (5000,), generator=g)
+    on_device = metrics._bincount_pairs_torch(a.to(torch.uint8), b, 19, 256)
+    assert torch.equal(on_device, metrics.bincount_pairs(a, b, 19, 256))
+    assert on_device.sum() == 5000
 
 
 def test_instance_classes_of_other_mappings():

@@ -4,13 +4,14 @@ and settings that would fit; its estimate follows the batch."""
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 from test_train import _free_port, blocks, tiny
 
-from train import preflight
+from train import distributed, preflight
 from train.config import Config, TrainingError
 from train.fit import fit
 
@@ -77,3 +78,59 @@ def test_all_ranks_stop_when_one_would_not_fit(make_dataset, tmp_path):
     results = dict(queue.get(timeout=60) for _ in range(2))
     assert results[0].startswith("not enough memory") and results[1].startswith("not enough")
     assert "for 2 processes on this host" in results[0]
+
+
+class MadeUpGpu(preflight.GpuMemory):
+    """CUDA's counter on a made-up GPU: 3 GB free, and a step's peak of 0.5 GB plus 2 kB per
+    pixel of its batch (the CPU runs the steps; the counter only reports)."""
+
+    FIXED, PER_PIXEL = 0.5e9, 2e3
+
+    def __init__(self) -> None:
+        super().__init__(torch.device("cuda", 0))
+        self.events: list[str] = []
+        self.pixels = 0
+
+    def budget(self, dist):
+        return 3e9, f"free on {self.device}", 1
+
+    def reset(self) -> None:
+        self.events.append("reset")
+
+    def step(self, batch: dict) -> None:
+        self.events.append("step")
+        self.pixels = batch["label"].numel()
+
+    def peak(self) -> float:
+        self.events.append("peak")
+        return self.FIXED + self.PER_PIXEL * self.pixels
+
+    def release(self) -> None:
+        self.events.append("release")
+
+
+def test_the_gpu_probe_measures_the_second_step_and_names_the_fix(monkeypatch):
+    gpu = MadeUpGpu()
+    real_step = preflight.train_step
+
+    def step(model, batch, *args, **kwargs):
+        gpu.step(batch)
+        return real_step(model, batch, *args, **kwargs)
+
+    monkeypatch.setattr(preflight, "train_step", step)
+    cfg = Config(width=4, depth=2, amp="off", optimizer="adamw", batch_size=8)
+    estimate = preflight.probe(cfg, 19, (64, 128), torch.device("cpu"), gpu)
+    # the optimizer state is in the second step's peak: nothing added for it
+    assert estimate.fixed == pytest.approx(gpu.FIXED) and estimate.per_pixel == gpu.PER_PIXEL
+    assert gpu.events == ["reset", "step", "reset", "step", "peak", "release"] * 2
+    one = distributed.Dist(0, 1, 0, torch.device("cpu"))
+    # 8 x 512 x 1024 pixels: 1.1 x (0.5 + 8.4) GB, against 3 GB free
+    with pytest.raises(TrainingError) as err:
+        preflight.check_fits(cfg, one, 19, (512, 1024), workers=4, backend="dali", memory=gpu)
+    message = str(err.value)
+    assert "needs about 9.8 GB per process, 9.8 GB for this process, against 3.0 GB free on " \
+           "cuda:0. It would fit with --batch-size 2, or --crop 260x524, or --width 1 " \
+           "(about), or --amp bf16" in message  # no loader workers counted on a GPU
+    figures = preflight.check_fits(replace(cfg, batch_size=1), one, 19, (512, 1024), 4,
+                                   "dali", memory=gpu)
+    assert figures["budget_gb"] == 3.0 and figures["total_gb"] == figures["step_gb"]

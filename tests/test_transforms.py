@@ -72,6 +72,14 @@ def test_the_window_lies_inside_the_image_and_scales_to_the_output():
     assert len({tuple(p[WINDOW_START]) for p in draws()}) > 50  # positions vary
 
 
+def test_no_output_pixel_samples_a_border_between_source_pixels():
+    """Nearest has one answer on every kernel: no (i + 1/2) win / n is a whole number."""
+    for p in draws(n=1000):
+        w = Window.of(p)
+        for win, n in ((w.bottom - w.top, w.height), (w.right - w.left, w.width)):
+            assert all((2 * i + 1) * win % (2 * n) for i in range(n)), (win, n)
+
+
 def test_a_flip_swaps_the_x_ends_and_nothing_else():
     flipped, plain = draws(), draws(Augment(AUG.crop, AUG.scale, False, AUG.jitter))
     x0, x1 = WINDOW_START.start + 1, WINDOW_END.start + 1  # the columns of the x ends

@@ -538,8 +538,9 @@ def models(size: str, as_json: bool) -> None:
 @main.command("gpu-report")
 @click.option("--out", default=Path("runs/gpu-report"), type=click.Path(path_type=Path),
               show_default=True, help="Folder for report.md, report.json and the shards.")
-@click.option("--budget", default=330.0, type=click.FloatRange(min=0), show_default=True,
-              help="Seconds after which the torch.compile runs are skipped.")
+@click.option("--budget", default=210.0, type=click.FloatRange(min=0), show_default=True,
+              help="Seconds the whole report may take: a phase that would not fit in what is "
+                   "left is skipped, and the report says so.")
 @friendly_errors
 def gpu_report(out: Path, budget: float) -> None:
     """Loader, training speed, MFU, memory and data wait on this GPU, in a few minutes.
@@ -548,11 +549,12 @@ def gpu_report(out: Path, budget: float) -> None:
     """
     import torch
 
+    from train.distributed import local_device, why_no_cuda
+
     if not torch.cuda.is_available():
-        click.echo("citytrain gpu-report needs a CUDA GPU, and this machine has none "
-                   "(make bench measures the CPU)", err=True)
+        click.echo(f"citytrain gpu-report needs a CUDA GPU (make bench measures the CPU): "
+                   f"{why_no_cuda()}", err=True)
         raise SystemExit(2)
-    from train.distributed import local_device
     from train.gpu_report import Sizes, format_report, run_report
 
     report = run_report(out, local_device("cuda"), Sizes(budget_s=budget))

@@ -125,13 +125,14 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
 
     The saved param groups replace the optimizer's own, `fused` included: a checkpoint of a
     CPU run would turn a CUDA optimizer built fused into a non-fused one that GradScaler still
-    hands its device-side inf check to, and the first fp16 step would fail.
+    hands its device-side inf check to, and the first fp16 step would fail. The choice goes
+    into the saved groups before loading, because torch places each state by them: AdamW's
+    `step` stays on the CPU for a non-fused group and moves to the parameter's device for a
+    fused one, where the fused kernel reads it.
     """
-    optimizer.load_state_dict(state)
-    for group in optimizer.param_groups:
-        for key in ("fused", "foreach"):
-            if key in optimizer.defaults:
-                group[key] = optimizer.defaults[key]
+    kernels = {k: optimizer.defaults[k] for k in ("fused", "foreach") if k in optimizer.defaults}
+    optimizer.load_state_dict({**state, "param_groups": [{**group, **kernels}
+                                                         for group in state["param_groups"]]})
 
 
 def train_step(model: nn.Module, batch: dict, criterion: nn.Module,
@@ -298,6 +299,19 @@ class StepLog:
         return values[:-2], values[-2] > 0, values[-1], seconds
 
 
+def step_marker(device: torch.device) -> torch.cuda.Event | None:
+    """What says, without waiting, whether the device has run the steps launched so far: on
+    CUDA an event the epoch loop records after each step; None elsewhere, where a step has
+    run by the time it returns.
+
+    Time blocked in `next(loader)` is data wait only once the device has run dry. While the
+    last step is still running the host can block in there too, on launches: the loader's
+    normalization kernels wait for room in CUDA's full launch queue. That costs the GPU
+    nothing and is step time, not data wait.
+    """
+    return torch.cuda.Event() if device.type == "cuda" else None
+
+
 def train_one_epoch(model: nn.Module, loader, criterion: nn.Module,
                     optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, *,
                     cfg: Config, dist: distributed.Dist, state: RunState, stopper: Stopper,
@@ -317,6 +331,7 @@ def train_one_epoch(model: nn.Module, loader, criterion: nn.Module,
     log = TrainLog(cfg, dist, state, done, len(loader), writer)
     window = StepLog(dist.device, state.elapsed)
     solo = dist.world_size == 1
+    marker = step_marker(dist.device)
 
     def sync() -> None:
         images, lrs, wait = window.images, window.lrs, window.wait
@@ -355,12 +370,16 @@ def train_one_epoch(model: nn.Module, loader, criterion: nn.Module,
             except StopIteration:
                 return EpochEnd.DONE
             waited = time.perf_counter() - tick
+            if marker is not None and not marker.query():
+                waited = 0.0  # the last step still runs: blocked on launches, not on data
             time_fraction = state.elapsed / cfg.time_limit if cfg.time_limit else 0.0
             lr = lr0 * lr_factor(state.step, state.total_steps, cfg.warmup, time_fraction)
             for group in optimizer.param_groups:
                 group["lr"] = lr * group.get("lr_scale", 1.0)
             loss = train_step(model, batch, criterion, optimizer, scaler, amp=cfg.amp,
                               clip_grad=cfg.clip_grad)
+            if marker is not None:
+                marker.record()
             done += 1
             state.step += 1
             window.add(loss, lr, batch["label"].shape[0] * dist.world_size, waited)

@@ -113,8 +113,7 @@ def bincount_pairs(a, b, nb: int, na: int) -> torch.Tensor:
     0 <= b < nb; tensors or arrays. On the CPU through numpy, whose bincount is several
     times faster than torch's there."""
     if isinstance(a, torch.Tensor) and a.device.type != "cpu":
-        return torch.bincount(a.long() * nb + b.to(a.device).long(),
-                              minlength=na * nb).reshape(na, nb)
+        return _bincount_pairs_torch(a, b, nb, na)
     a = a.numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
     b = b.cpu().numpy() if isinstance(b, torch.Tensor) else np.asarray(b)
     code_type = np.uint16 if na * nb <= 1 << 16 else np.int64
@@ -122,6 +121,15 @@ def bincount_pairs(a, b, nb: int, na: int) -> torch.Tensor:
     code *= nb
     code += b.astype(code_type, copy=False)
     return torch.from_numpy(np.bincount(code, minlength=na * nb).reshape(na, nb))
+
+
+def _bincount_pairs_torch(a: torch.Tensor, b: torch.Tensor, nb: int, na: int) -> torch.Tensor:
+    """`bincount_pairs` on `a`'s device without reading anything back: torch.bincount sizes its
+    output from the codes' max and min, two host syncs per call on a GPU."""
+    code = a.long() * nb + b.to(a.device).long()
+    counts = torch.zeros(na * nb, dtype=torch.int64, device=a.device)
+    return counts.index_add_(0, code, torch.ones((), dtype=torch.int64,
+                                                 device=a.device).expand_as(code)).reshape(na, nb)
 
 
 def _mean(scores: dict[str, float | None]) -> float | None:
@@ -188,18 +196,21 @@ class InstanceStats:
         self._cat = cat_of_class[self._class.cpu()].to(self.device)
         self.sums = torch.zeros(len(classes) + len(cats), 2, dtype=torch.float64,
                                 device=self.device)
+        # numpy's masks and bincount are several times torch's on the CPU; the tests turn
+        # this off to run the torch branch, the one a GPU takes, on CPU tensors
+        self._numpy = self.device.type == "cpu"
 
     @torch.no_grad()
     def update(self, pred: torch.Tensor, instance_ids) -> None:
         """Add one image: class ids (H, W) and its instanceIds (H, W) as read from the PNG."""
         k = self.num_classes
-        if self.device.type == "cpu":  # numpy's masks and bincount are several times torch's
+        if self._numpy:
             inst, pred = np.asarray(instance_ids).reshape(-1), pred.cpu().numpy().reshape(-1)
-        else:
-            inst = torch.as_tensor(instance_ids).to(self.device).reshape(-1)
+        else:  # 16 bits over the bus, widened there: torch compares no unsigned type but uint8
+            inst = torch.as_tensor(instance_ids).to(self.device).int().reshape(-1)
             pred = pred.to(self.device).reshape(-1)
         if inst.shape != pred.shape:
-            raise ValueError(f"prediction of {pred.size} pixels, instance ids of {inst.size}")
+            raise ValueError(f"prediction of {len(pred)} pixels, instance ids of {len(inst)}")
         keep = inst > 1000  # instances only: a fifth of the pixels in a street scene
         inst, pred = inst[keep], pred[keep]
         if len(inst) and int(inst.max()) >= MAX_INSTANCE_ID:

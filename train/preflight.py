@@ -11,8 +11,10 @@ the real step could take the whole host.
 On CUDA it is measured with the allocator's peak (`max_memory_allocated`) against the GPU's
 free memory; on the CPU with the process's peak resident size (reset through
 /proc/self/clear_refs) against what the host and its cgroup have available, for all local
-ranks together plus their loader workers. Every rank takes the same decision; where the step
-won't fit, the run stops with one message giving both figures and settings that would fit.
+ranks together plus their loader workers (`GpuMemory` and `HostMemory`, the two counters; a
+test hands the probe a GPU counter with made-up figures to run the GPU's protocol on the CPU).
+Every rank takes the same decision; where the step won't fit, the run stops with one message
+giving both figures and settings that would fit.
 """
 
 from __future__ import annotations
@@ -73,34 +75,74 @@ def _malloc_trim() -> None:
         pass
 
 
-def _reset_peak(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # peak RSS := current RSS
-    except OSError:
-        pass  # the peak only grows then; the probes run smallest first
+class HostMemory:
+    """The CPU's counter: the process's peak resident size, against what the host and its
+    cgroup have for all local ranks. One probe step is measured (they are slow here)."""
+
+    gpu = False
+
+    def budget(self, dist: distributed.Dist) -> tuple[float, str, int]:
+        """(bytes, where, ranks sharing them). What the ranks already hold counts in their
+        need, so it counts in the budget too (with --preflight-only one process stands for
+        all LOCAL_WORLD_SIZE of them)."""
+        held = torch.tensor([_status("VmRSS") or 0.0], dtype=torch.float64)
+        budget = float(available_memory()) + float(distributed.all_reduce_sum(held))
+        return budget, ("on this host (available memory within any cgroup limit, plus what "
+                        "these processes hold)"), dist.local_world_size
+
+    def reset(self) -> None:
+        try:
+            Path("/proc/self/clear_refs").write_text("5")  # peak RSS := current RSS
+        except OSError:
+            pass  # the peak only grows then; the probes run smallest first
+
+    def peak(self) -> float:
+        return _peak_rss()
+
+    def release(self) -> None:  # freed memory back, or the next probe's peak starts from this
+        _malloc_trim()
 
 
-def _peak(device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        return float(torch.cuda.max_memory_allocated(device))
-    return _peak_rss()
+class GpuMemory:
+    """CUDA's counter: the caching allocator's peak, against the GPU's free memory. Steps are
+    cheap there: two per probe, the second measured, past cuDNN's autotuning (its trial
+    workspaces) and with the optimizer state held."""
+
+    gpu = True
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def budget(self, dist: distributed.Dist) -> tuple[float, str, int]:
+        return float(torch.cuda.mem_get_info(self.device)[0]), f"free on {self.device}", 1
+
+    def reset(self) -> None:
+        torch.cuda.reset_peak_memory_stats(self.device)
+
+    def peak(self) -> float:
+        torch.cuda.synchronize(self.device)
+        return float(torch.cuda.max_memory_allocated(self.device))
+
+    def release(self) -> None:
+        torch.cuda.empty_cache()
 
 
-def probe(cfg: Config, num_classes: int, crop: tuple[int, int], device: torch.device) \
-        -> Estimate:
+def memory_of(device: torch.device) -> HostMemory | GpuMemory:
+    return GpuMemory(device) if device.type == "cuda" else HostMemory()
+
+
+def probe(cfg: Config, num_classes: int, crop: tuple[int, int], device: torch.device,
+          memory: HostMemory | GpuMemory | None = None) -> Estimate:
     """Real training steps of a throwaway copy of the model at batch 1 and at batch 2 (two
     each on a GPU, the second measured), on a crop of half the height and width; returns the
-    fitted fixed and per-pixel memory."""
+    fitted fixed and per-pixel memory. `memory`: the device's counter (`memory_of`)."""
+    memory = memory or memory_of(device)
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
     peaks = []
-    gpu = device.type == "cuda"
+    gpu = memory.gpu
     _malloc_trim()
     for batch in (1, 2):
-        _reset_peak(device)
+        memory.reset()
         model = model_from_config(cfg, output_channels(cfg.losstype, num_classes),
                                   pretrained=False)
         m = model.size_multiple
@@ -113,17 +155,14 @@ def probe(cfg: Config, num_classes: int, crop: tuple[int, int], device: torch.de
                     memory_format=fmt),
                 "label": torch.zeros(batch, h, w, dtype=torch.long, device=device)}
         train_step(model, data, criterion, optimizer, scaler, amp=cfg.amp)
-        if gpu:  # steps are cheap there: measure the second, past cuDNN's autotuning
-            _reset_peak(device)  # (its trial workspaces), with the optimizer state held
+        if gpu:  # measure the second step
+            memory.reset()
             train_step(model, data, criterion, optimizer, scaler, amp=cfg.amp)
-        peaks.append(_peak(device))
+        peaks.append(memory.peak())
         params = sum(p.numel() * p.element_size() for p in model.parameters())
         del model, optimizer, scaler, criterion, data
         gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        else:  # hand freed memory back, or the next probe's peak starts from this one's
-            _malloc_trim()
+        memory.release()
     per_pixel = max(0.0, (peaks[1] - peaks[0]) / (h * w))
     # On the CPU the one step measured made the optimizer's buffers after its peak; from the
     # second step on they stay through every peak (on a GPU the second step held them).
@@ -143,24 +182,16 @@ def _crop_that_fits(estimate: Estimate, budget: float, batch: int, crop: tuple[i
 
 
 def check_fits(cfg: Config, dist: distributed.Dist, num_classes: int, crop: tuple[int, int],
-               workers: int, backend: str) -> dict:
+               workers: int, backend: str, memory: HostMemory | GpuMemory | None = None) \
+        -> dict:
     """Stop (TrainingError) when one step at the configured size will not fit; returns the
     figures (for config.json). Every rank calls this, and all agree on the verdict."""
-    gpu = dist.device.type == "cuda"
+    memory = memory or memory_of(dist.device)
+    gpu = memory.gpu
     distributed.barrier()
-    if gpu:
-        free, _ = torch.cuda.mem_get_info(dist.device)
-        budget, where, ranks = float(free), f"free on {dist.device}", 1
-    else:
-        # what the ranks already hold counts in their need, so it counts in the budget too
-        # (with --preflight-only one process stands for all LOCAL_WORLD_SIZE of them)
-        ranks = dist.local_world_size
-        held = torch.tensor([_status("VmRSS") or 0.0], dtype=torch.float64)
-        budget = float(available_memory()) + float(distributed.all_reduce_sum(held))
-        where = ("on this host (available memory within any cgroup limit, plus what these "
-                 "processes hold)")
+    budget, where, ranks = memory.budget(dist)
     distributed.barrier()  # every rank has looked before any probe allocates
-    estimate = probe(cfg, num_classes, crop, dist.device)
+    estimate = probe(cfg, num_classes, crop, dist.device, memory)
     # the ranks agree on one set of figures (the largest need, the smallest budget), so they
     # take one decision and rank 0's message is every rank's
     agreed = torch.tensor([estimate.fixed, estimate.per_pixel, -budget], dtype=torch.float64)
