@@ -361,6 +361,13 @@ def read_image(path: Source) -> np.ndarray:
     return _decode(path, data, "RGB")
 
 
+def image_size(path: Source) -> tuple[int, int]:
+    """(H, W) of a leftImg8bit PNG from its IHDR chunk, without decoding the pixels."""
+    data, _, _ = _read_png(path, IMAGE_MODES)
+    width, height = struct.unpack(">II", data[16:24])
+    return int(height), int(width)
+
+
 def read_label_ids(path: Source) -> np.ndarray:
     """(H, W) uint8 labelIds of an original label PNG: the stored sample values."""
     data, mode, depth = _read_png(path, LABEL_MODES)

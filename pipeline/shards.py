@@ -6,7 +6,8 @@
         label  uint8 (N, H, W),    chunks (1, H, W)      class ids, 255 = ignore
         name   utf-8 str (N,)                            {city}_{seq:06d}_{frame:06d}
         attrs  format_version, split, classes, palette, ignore_index, mapping,
-               source_size ([W, H] of the originals, as manifest.json's config.size)
+               source_size (the array [W, H] of the originals; manifest.json and every
+               other file name a size's sides: {"height", "width"}, pipeline/sizes.py)
 
 Every file is written under a temporary name in the same folder and renamed when complete,
 so a reader never sees half a shard and a killed job leaves only temporaries to sweep.
@@ -390,7 +391,7 @@ def write_arrays(folder: Path, splits: dict[str, tuple[np.ndarray, np.ndarray, l
                 digest = writer.commit()
             entries[split].append({"file": path.name, "samples": stop - start,
                                    "sha256": digest, "stats": stats})
-    config = {"size": list(sizes.wh((h, w))), "mapping": mapping.name,
+    config = {"size": sizes.to_file((h, w)), "mapping": mapping.name,
               "mapping_def": mapping.to_json(),
               "compression": compression, "shard_size": shard_size, "mode": "fine",
               "source_root": None}

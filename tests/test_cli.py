@@ -36,7 +36,8 @@ def test_inspect_shard_json(made):
     assert info["image"] == {"shape": [1, 32, 64, 3], "dtype": "uint8",
                              "chunks": [1, 32, 64, 3], "compression": "none"}
     assert info["label"]["shape"] == [1, 32, 64] and info["label"]["chunks"] == [1, 32, 64]
-    assert info["size"] == [64, 32] and info["source_size"] == [128, 64]
+    assert info["size"] == {"height": 32, "width": 64}
+    assert info["source_size"] == {"height": 64, "width": 128}
     shares = [c["share"] for c in info["classes_present"]]
     assert abs(sum(shares) - 1) < 1e-9 and shares == sorted(shares, reverse=True)
     assert sum(c["pixels"] for c in info["classes_present"]) == 32 * 64
@@ -49,7 +50,7 @@ def test_inspect_shard_text_and_preview(made, tmp_path):
     r = CliRunner().invoke(main, ["inspect-shard", str(out / "train-00000.h5"),
                                   "--preview", str(preview)])
     assert r.exit_code == 0, r.output
-    assert "2 samples, 64x32 (from 128x64)" in r.output
+    assert "2 samples, 64x32 (WxH) from 128x64" in r.output
     assert "chunks (1, 32, 64, 3)" in r.output and "road" in r.output
     with Image.open(preview) as im:
         assert im.size == (128, 64)  # two rows of image | colorized label

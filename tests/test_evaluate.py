@@ -184,9 +184,10 @@ def test_a_failed_submission_leaves_no_zip(run, uneven, tmp_path):
 
 def test_fit_ends_with_the_evaluation_citytrain_evaluate_writes(run, shards, tmp_path):
     final = json.loads((run / "eval-val" / "metrics.json").read_text())
-    assert final["inference"] == {"mode": "slide", "window": [32, 64], "stride": [16, 32],
-                                  "scales": [1.0], "flip": True, "max_windows": 4,
-                                  "amp": "off", "model_size": [64, 128]}
+    assert final["inference"] == {"mode": "slide", "window": {"height": 32, "width": 64},
+                                  "stride": {"height": 16, "width": 32}, "scales": [1.0],
+                                  "flip": True, "max_windows": 4, "amp": "off",
+                                  "model_size": {"height": 64, "width": 128}}
     assert {p.name for p in (run / "eval-val").iterdir()} == {"metrics.json", "confusion.png",
                                                              "iou.png"}
     citytrain("evaluate", "--checkpoint", run / "checkpoints" / "last.pt", "--data", shards,

@@ -45,7 +45,7 @@ def test_contents_equal_an_independent_remap_and_resize(city, shards, split):
 def test_manifest_numbers_match_the_shards(city, shards):
     manifest = load_manifest(shards)
     mapping = get_mapping("trainid")
-    assert manifest["config"]["size"] == [128, 64]
+    assert manifest["config"]["size"] == {"height": 64, "width": 128}
     assert manifest["config"]["mapping_def"] == mapping.to_json()
     assert manifest["classes"] == mapping.classes
     assert manifest["palette"] == mapping.palette.tolist()

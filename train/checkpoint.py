@@ -154,6 +154,13 @@ def normalization_of(state: dict) -> dict[str, Any]:
             "normalization": state.get("normalization", "dataset")}
 
 
+def training_crop(state: dict) -> tuple[int, int] | None:
+    """(H, W) of the crops a checkpoint's model trained on; None for whole images or a
+    checkpoint that does not say."""
+    crop = (state.get("config") or {}).get("crop")
+    return (int(crop[0]), int(crop[1])) if crop else None
+
+
 def rng_state(device: torch.device | None = None) -> dict[str, Any]:
     """Every generator the run draws from, as tensors and lists (safe for weights_only).
 

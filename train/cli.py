@@ -8,7 +8,9 @@
     citytrain predict --checkpoint runs/city/checkpoints/best.pt --input photos/ --out preds/
     citytrain bench --crop 512x1024 --batch-size 8 --amp bf16
     citytrain gpu-report --out runs/gpu-report                           (a CUDA GPU only)
-    citytrain bench-inference --size 1024x2048
+    citytrain bench-inference --size 2048x1024
+
+Sizes: an image's --size is WxH; a crop, window or stride is HxW (pipeline/sizes.py).
 """
 
 from __future__ import annotations
@@ -160,7 +162,8 @@ def main() -> None:
 @click.option("--epochs", default=DEFAULTS.epochs, type=click.IntRange(1))
 @click.option("--batch-size", default=DEFAULTS.batch_size, type=click.IntRange(1),
               help="Images per process (per GPU).")
-@click.option("--crop", default="512x1024", help="Training crop HxW, or 'full'.")
+@click.option("--crop", default="512x1024", metavar="HxW|full",
+              help="Training crop HxW (a crop: height first), or 'full'.")
 @click.option("--scale", default="0.5,2.0", help="Random rescale range MIN,MAX.")
 @click.option("--flip/--no-flip", default=DEFAULTS.flip)
 @click.option("--jitter", default=DEFAULTS.jitter, type=click.FloatRange(0, 1),
@@ -306,7 +309,7 @@ def evaluate(checkpoint: Path, data: Path | None, split: str, out: Path | None,
 @click.option("--input", "inputs", required=True, multiple=True, type=click.Path(path_type=Path),
               help="Image files or folders (repeat the option for several).")
 @click.option("--out", required=True, type=click.Path(path_type=Path))
-@click.option("--size", default=None,
+@click.option("--size", default=None, metavar="WxH|full",
               help="Resize to WxH for the model [the training shards' size]; 'full' = as is.")
 @inference_options()
 @click.option("--amp", default="off", type=AMPS,
@@ -317,7 +320,7 @@ def predict(checkpoint: Path, inputs: tuple[Path, ...], out: Path, size: str | N
             mode: str, window: str | None, stride: str | None, scales: str, flip: bool,
             max_windows: int, amp: str, device: str) -> None:
     """Colorized masks and overlays for any images."""
-    from train.checkpoint import load_checkpoint, model_from_checkpoint
+    from train.checkpoint import load_checkpoint, model_from_checkpoint, training_crop
     from train.distributed import local_device
     from train.losses import build_loss
     from train.predict import predict_paths
@@ -326,7 +329,15 @@ def predict(checkpoint: Path, inputs: tuple[Path, ...], out: Path, size: str | N
     dev = local_device(device)
     state = load_checkpoint(checkpoint)
     model = model_from_checkpoint(state, checkpoint, dev)
-    shape = sizes.from_wh(state["size"]) if size is None else parse_size(size, order="WxH")
+    trained = sizes.from_file(state["size"])
+    shape = trained if size is None else parse_size(size, order="WxH")
+    if shape is not None:
+        try:
+            sizes.check_aspect("--size", shape, "WxH", trained,
+                               f"the shards {checkpoint} was trained on")
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="--size") from None
+    inference = inference.for_model(shape, training_crop(state))
     loss = build_loss(state["losstype"], palette=state["palette"]).to(dev)
     written = predict_paths(model, list(inputs), out, mean=state["mean"], std=state["std"],
                             loss=loss, device=dev, size=shape, inference=inference, amp=amp)
@@ -334,7 +345,8 @@ def predict(checkpoint: Path, inputs: tuple[Path, ...], out: Path, size: str | N
 
 
 @main.command()
-@click.option("--crop", default="512x1024", help="HxW of the synthetic batch.")
+@click.option("--crop", default="512x1024", metavar="HxW",
+              help="The synthetic batch's crop HxW.")
 @click.option("--batch-size", default=8, type=click.IntRange(1))
 @click.option("--amp", default="bf16", type=AMPS)
 @click.option("--encoder", "encoders", default=DEFAULTS.encoder, metavar="NAME[,NAME...]|all",
@@ -437,13 +449,15 @@ def gpu_report(out: Path, budget: float) -> None:
 
 
 @main.command("bench-inference")
-@click.option("--size", default="1024x2048", help="HxW of the synthetic image.")
+@click.option("--size", default="2048x1024", metavar="WxH",
+              help="The synthetic image's size WxH (an image size, as --size everywhere).")
 @click.option("--encoder", default=DEFAULTS.encoder, help="The model (random weights: speed "
               "only).")
 @click.option("--width", default=16, type=click.IntRange(1), help="plain: U-Net width.")
 @click.option("--depth", default=4, type=click.IntRange(1), help="plain: U-Net depth.")
-@click.option("--window", default="512x1024", help="Slide window HxW.")
-@click.option("--stride", default=None, help="Slide stride HxW [2/3 of the window].")
+@click.option("--window", default="512x1024", metavar="HxW", help="Slide window HxW.")
+@click.option("--stride", default=None, metavar="HxW",
+              help="Slide stride HxW [2/3 of the window].")
 @click.option("--scales", default="0.75,1.0,1.25", help="Scales of the TTA row.")
 @click.option("--images", default=2, type=click.IntRange(1), help="Timed images per row.")
 @click.option("--warmup", default=1, type=click.IntRange(0), help="Untimed images per row "
@@ -462,7 +476,7 @@ def bench_inference(size: str, window: str, stride: str | None, scales: str,
     """Images/s of whole, slide, and slide + flip + scales inference on one image."""
     from train.bench import format_inference_report, run_inference_bench
 
-    report = run_inference_bench(size=parse_size(size), window=parse_size(window),
+    report = run_inference_bench(size=parse_size(size, order="WxH"), window=parse_size(window),
                                  stride=parse_size(stride) if stride else None,
                                  scales=_scales(scales), **kwargs)
     click.echo(format_inference_report(report))

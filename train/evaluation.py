@@ -49,8 +49,8 @@ def write_results(out: Path, metrics: dict, classes: list[str], palette=None) ->
 
 
 def inference_record(inference: Inference, amp: str, size: tuple[int, int]) -> dict:
-    """metrics.json's "inference": the settings, and the (H, W) the model sees at scale 1."""
-    return {**inference.to_json(), "amp": amp, "model_size": [int(size[0]), int(size[1])]}
+    """metrics.json's "inference": the settings, and the size the model sees at scale 1."""
+    return {**inference.to_json(), "amp": amp, "model_size": sizes.to_file(size)}
 
 
 def shard_forward(model, inference: Inference, amp: str):
@@ -170,6 +170,7 @@ def evaluate_checkpoint(checkpoint: Path, *, data: Path | None, split: str, out:
         check_classes,
         load_checkpoint,
         model_from_checkpoint,
+        training_crop,
     )
     from train.export import as_mapping, evaluate_full_resolution, write_submission
     from train.losses import build_loss
@@ -193,7 +194,8 @@ def evaluate_checkpoint(checkpoint: Path, *, data: Path | None, split: str, out:
                            f"{split} split against; to predict it for the benchmark server, "
                            "pass --submit results.zip")
     out = default_out(checkpoint, split) if out is None else Path(out)
-    h, w = sizes.from_wh(state["size"])  # the training shards' size: the scale the model sees
+    h, w = sizes.from_file(state["size"])  # the training shards' size: the scale the model sees
+    inference = inference.for_model((h, w), training_crop(state))
     dist = distributed.setup(device)
     try:
         model = model_from_checkpoint(state, checkpoint, dist.device)

@@ -50,6 +50,7 @@ from train.engine import (
     load_optimizer_state,
     train_one_epoch,
 )
+from train.inference import Inference, InferenceError
 from train.losses import build_loss, class_weights_from_pixels, output_channels
 from train.models import ModelError, model_from_config
 from train.rundir import RunDir
@@ -96,6 +97,7 @@ def _fit(cfg: Config, dist: distributed.Dist) -> dict:
 
     # model: its weights from a checkpoint (resume, --init) or its own (pretrained or fresh)
     manifest = load_manifest(Path(cfg.data))
+    final_inference = _against_shards(cfg, manifest, final_inference)
     saved = load_checkpoint(last_path) if cfg.resume else None
     try:
         model = model_from_config(cfg, output_channels(cfg.losstype, len(manifest["classes"])),
@@ -122,7 +124,7 @@ def _fit(cfg: Config, dist: distributed.Dist) -> dict:
                   std=std, device=dist.device, workers=cfg.workers,
                   channels_last=cfg.channels_last, backend=cfg.backend)
     train_loader = build_loader(cfg.data, cfg.train_split, cfg.batch_size, train=True,
-                                crop=cfg.crop or sizes.from_wh(manifest["config"]["size"]),
+                                crop=cfg.crop or sizes.from_file(manifest["config"]["size"]),
                                 scale=cfg.scale, flip=cfg.flip, jitter=cfg.jitter, **common)
     if len(train_loader) == 0:
         raise TrainingError(f"{cfg.data}: the {cfg.train_split} split has "
@@ -194,7 +196,7 @@ def _fit(cfg: Config, dist: distributed.Dist) -> dict:
              "palette": palette.tolist(), "mean": mean, "std": std,
              "normalization": norm["normalization"], "losstype": cfg.losstype,
              "ignore_index": int(train_loader.ignore_index),
-             "size": list(manifest["config"]["size"]),
+             "size": sizes.to_file(sizes.from_file(manifest["config"]["size"])),
              "mapping": manifest["config"].get("mapping_def")}
     parts = Parts(model, optimizer, scaler, train_loader, about)
 
@@ -284,6 +286,21 @@ class Parts:
             "rng": rng_state(dist.device), "best_miou": state.best_miou, "metrics": row,
             "config": asdict(cfg), "world_size": dist.world_size,
         }
+
+
+def _against_shards(cfg: Config, manifest: dict, final: Inference) -> Inference:
+    """The crop and the final evaluation's window against the shards' size, before any
+    training: one turned on its side is refused, slide's window defaults to the crop."""
+    shards = sizes.from_file(manifest["config"]["size"])
+    if cfg.crop:
+        try:
+            sizes.check_aspect("--crop", cfg.crop, "HxW", shards, f"the shards of {cfg.data}")
+        except ValueError as e:
+            raise TrainingError(str(e)) from None
+    try:
+        return final.for_model(shards, cfg.crop)
+    except InferenceError as e:
+        raise TrainingError(str(e).replace("--", "--eval-")) from None
 
 
 def _resume_loader(loader, position: dict, state: RunState, path: Path) -> None:

@@ -18,10 +18,29 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
+from pipeline import sizes
 from pipeline.shards import atomic_write_bytes
 
 METRICS_COLUMNS = ("epoch", "step", "lr", "train_loss", "val_loss", "val_miou", "pixel_acc",
                    "images_per_s", "data_wait_fraction")
+
+
+SIZE_SETTINGS = ("crop", "eval_window", "eval_stride")  # (H, W) in Config
+
+
+def named_sizes(config: dict) -> dict:
+    """config.json's sizes as every file writes them, {"height", "width"} (pipeline/sizes.py):
+    the settings' crop and windows, and the shards' size."""
+    config = dict(config)
+    if isinstance(config.get("config"), dict):
+        config["config"] = {k: sizes.to_file(v) if k in SIZE_SETTINGS and v is not None else v
+                            for k, v in config["config"].items()}
+    data = config.get("data")
+    if isinstance(data, dict) and isinstance(data.get("manifest_config"), dict):
+        manifest = dict(data["manifest_config"])
+        manifest["size"] = sizes.to_file(sizes.from_file(manifest["size"]))
+        config["data"] = {**data, "manifest_config": manifest}
+    return config
 
 
 def versions() -> dict[str, str | None]:
@@ -72,7 +91,7 @@ class RunDir:
 
     def write_config(self, config: dict) -> None:
         if self.enabled:
-            config = {**config, "versions": versions(), "command": sys.argv}
+            config = {**named_sizes(config), "versions": versions(), "command": sys.argv}
             text = json.dumps(config, indent=1, default=str) + "\n"
             atomic_write_bytes(self.out / "config.json", text.encode())
 
