@@ -124,6 +124,32 @@ def _download_again(archive: Path) -> str:
 # -- discovery ---------------------------------------------------------------------------------
 
 
+def tree_parts(root: Path) -> list[str]:
+    """What of a Cityscapes tree `root` holds ('leftImg8bit/', 'gtFine_trainvaltest.zip', ...),
+    by name only: empty for any other folder. For messages that tell a tree from shards."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    downloads = sorted(set(OFFICIAL.values()))
+    return ([f"{top}/" for top in archives.TOPS if (root / top).is_dir()]
+            + [name for name in downloads if (root / name).is_file()])
+
+
+def check_root(root: Path) -> None:
+    """`root` must be a folder, and not a shard folder given where the originals belong."""
+    from pipeline.shards import MANIFEST_NAME  # (shards.py imports this module)
+
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"{root}: no such folder (expected a Cityscapes tree or the "
+                           "official zips)")
+    if (root / MANIFEST_NAME).is_file() and not tree_parts(root):
+        raise DatasetError(
+            f"{root}: holds shards ({MANIFEST_NAME} from `cityprep preprocess`), not the "
+            f"Cityscapes originals: shards go to citytrain as --data {root}; --datadir takes "
+            f"the tree with {IMAGE_DIR}/ and gtFine/ (or the official zips)")
+
+
 def _open_archives(root: Path) -> tuple[list[archives.Archive], dict[str, DatasetError]]:
     """Every zip in `root`, indexed, and why each unreadable one is (a truncated download, say).
 
@@ -235,9 +261,7 @@ def find_pairs(root: Path, split: str, mode: str = "fine") -> list[Pair]:
     """
     root = Path(root)
     gt = _gt_dir(mode)
-    if not root.is_dir():
-        raise DatasetError(f"{root}: no such folder (expected a Cityscapes tree or the "
-                           "official zips)")
+    check_root(root)
     zips, broken = _open_archives(root)
     for needed in (OFFICIAL.get((IMAGE_DIR, split)), OFFICIAL.get((gt, split))):
         if needed in broken:  # the official download of this split is unreadable
@@ -408,9 +432,7 @@ def find_images(root: Path, split: str) -> list[tuple[str, Source]]:
     For the test split, whose labels are not public; extracted or in the official zip.
     """
     root = Path(root)
-    if not root.is_dir():
-        raise DatasetError(f"{root}: no such folder (expected a Cityscapes tree or the "
-                           "official zips)")
+    check_root(root)
     zips, broken = _open_archives(root)
     if OFFICIAL.get((IMAGE_DIR, split)) in broken:
         raise broken[OFFICIAL[(IMAGE_DIR, split)]]

@@ -81,13 +81,13 @@ def orientation(size: Sequence[int]) -> str:
 def check_aspect(option: str, size: Sequence[int], order: str, reference: Sequence[int],
                  what: str) -> None:
     """ValueError when `size` (H, W), typed as `option` in `order`, is portrait where
-    `reference` (H, W), the size of `what`, is landscape, or the reverse: naming both orders
-    and the size meant."""
+    `reference` (H, W), the size of `what` (plural: "the images of D"), is landscape, or the
+    reverse: naming both orders and the size meant."""
     (h, w), (rh, rw) = size, reference
     if (h - w) * (rh - rw) >= 0:  # same orientation, or one of them square
         return
     raise ValueError(
-        f"{option} {text(size, order)} is {orientation(size)} but {what} "
-        f"{'are' if what.endswith('s') else 'is'} {orientation(reference)} "
+        f"{option} {text(size, order)} is {orientation(size)} but {what} are "
+        f"{orientation(reference)} "
         f"({both(reference)}); {option} is {order} (the sides typed the other way round?): "
         f"did you mean {option} {text((w, h), order)}?")

@@ -89,6 +89,10 @@ def test_verify_ok_then_reports_each_problem(made, tmp_path):
      "holds shards of another config"),
     (["inspect-shard", "{png}"], "not a readable HDF5 file"),
     (["verify", "{tmp}/nowhere"], "nowhere: no such data folder"),
+    (["verify", "{city}"], "a Cityscapes tree (leftImg8bit/, gtFine/), not shards"),
+    (["inspect-shard", "{shards}"], "a folder; a shard is one {split}-00000.h5 file in it"),
+    (["preprocess", "--datadir", "{shards}", "--out", "{tmp}/o"], "holds shards (manifest.json"),
+    (["preprocess", "--datadir", "{city}", "--out", "{city}"], "is inside the Cityscapes tree"),
     (["synth", "{tmp}/s", "--size", "8x4"], "too small"),
 ])
 def test_errors_are_one_line_without_traceback(made, tmp_path, args, message):
@@ -98,7 +102,7 @@ def test_errors_are_one_line_without_traceback(made, tmp_path, args, message):
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 1, r.output
     assert "Traceback" not in r.output
-    lines = [line for line in r.output.splitlines() if line.startswith("error: ")]
+    lines = [line for line in r.output.splitlines() if line.startswith("Error: ")]
     assert len(lines) == 1 and message in lines[0], r.output
 
 

@@ -199,7 +199,7 @@ def test_ctrl_c_stops_cleanly_and_resumes(tree, reference, tmp_path):
     os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
-    assert "error: interrupted; rerun the same command to continue" in err
+    assert "Error: interrupted; rerun the same command to continue" in err
     assert "Traceback" not in err
     assert not (out / "manifest.json").exists() and leftovers(out) == []
     assert preprocess(tree, out, **KW) == load_manifest(reference)

@@ -162,6 +162,7 @@ def evaluate_checkpoint(checkpoint: Path, *, data: Path | None, split: str, out:
                         backend: str = "auto", echo=print) -> dict | None:
     """The whole of `citytrain evaluate` (any number of ranks): the metrics written, or None
     for a submission. Shards at `data`, originals at `datadir`; see the module doc."""
+    from pipeline.cityscapes import DatasetError, check_root, tree_parts
     from pipeline.loader import build_loader
     from pipeline.shards import load_manifest
     from train import distributed
@@ -184,12 +185,13 @@ def evaluate_checkpoint(checkpoint: Path, *, data: Path | None, split: str, out:
     if datadir is not None and mapping is None:
         raise CheckpointError(f"{checkpoint}: holds no label mapping; pass --data with the "
                               "shards it was trained on")
+    if datadir is not None:
+        check_root(datadir)  # shards given as --datadir: say so before anything else
     if submit is not None:
         mapping = as_mapping(mapping)
         _benchmark_classes(mapping, checkpoint)
-    elif datadir is not None and not (Path(datadir) / "gtFine" / split).is_dir():
-        from pipeline.cityscapes import DatasetError
-
+    elif datadir is not None and not (Path(datadir) / "gtFine" / split).is_dir() and \
+            not any(part.endswith(".zip") for part in tree_parts(datadir)):  # (zips: read)
         raise DatasetError(f"{Path(datadir) / 'gtFine' / split}: no labels to score the "
                            f"{split} split against; to predict it for the benchmark server, "
                            "pass --submit results.zip")

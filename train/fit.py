@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from pipeline import sizes
 from pipeline.loader import build_loader
-from pipeline.shards import load_manifest
+from pipeline.shards import MANIFEST_NAME, load_manifest
 from train import distributed, evaluation, preflight
 from train.checkpoint import (
     check_arch,
@@ -289,8 +289,12 @@ class Parts:
 
 
 def _against_shards(cfg: Config, manifest: dict, final: Inference) -> Inference:
-    """The crop and the final evaluation's window against the shards' size, before any
-    training: one turned on its side is refused, slide's window defaults to the crop."""
+    """The run folder, the crop and the final evaluation's window against the shards, before
+    any training: --out must not be the shards, a size turned on its side is refused, slide's
+    window defaults to the crop."""
+    if (Path(cfg.out) / MANIFEST_NAME).is_file():
+        raise TrainingError(f"--out {cfg.out} holds shards ({MANIFEST_NAME}): a run needs a "
+                            "folder of its own, e.g. --out runs/NAME")
     shards = sizes.from_file(manifest["config"]["size"])
     if cfg.crop:
         try:

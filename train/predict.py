@@ -20,6 +20,7 @@ from PIL import Image
 
 from pipeline.labels import colorize
 from pipeline.photometric import normalize
+from pipeline.shards import MANIFEST_NAME
 from train.losses import PixelLoss
 from train.visualize import overlay, write_png
 
@@ -51,6 +52,10 @@ def find_images(inputs: list[Path], out: Path) -> list[tuple[Path, Path]]:
                 # a rerun into a folder inside the input must not predict its own masks
                 and not p.resolve().is_relative_to(out_dir)
             )
+            if not files and (inp / MANIFEST_NAME).is_file():
+                raise InputError(f"{inp}: holds shards, not images: predict reads image files "
+                                 f"({'/'.join(IMAGE_SUFFIXES)}); `citytrain evaluate --data "
+                                 f"{inp}` scores shards")
             if not files:
                 raise InputError(f"{inp}: no {'/'.join(IMAGE_SUFFIXES)} images in this folder")
             found += [(p, p.relative_to(inp).parent / p.stem) for p in files]
