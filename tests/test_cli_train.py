@@ -70,7 +70,8 @@ def test_evaluate_writes_metrics_that_match_a_hand_computed_confusion(run, shard
     result = citytrain("evaluate", "--checkpoint", ckpt, "--data", shards, "--workers", "0",
                        "--device", "cpu")
     assert result.exit_code == 0, result.output
-    metrics = json.loads((run / "eval-val" / "metrics.json").read_text())
+    assert "wrote " + str(run / "eval-val-last-whole" / "metrics.json") in result.output
+    metrics = json.loads((run / "eval-val-last-whole" / "metrics.json").read_text())
     assert metrics["split"] == "val" and metrics["resolution"] == "shard"
     assert metrics["images"] == 4
 

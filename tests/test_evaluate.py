@@ -261,8 +261,9 @@ def test_usage_errors(run, shards, uneven, tmp_path):
     ckpt = run / "checkpoints" / "last.pt"
     assert "--submit needs --datadir" in fails("evaluate", "--checkpoint", ckpt, "--data",
                                                shards, "--submit", tmp_path / "z.zip", code=2)
-    assert "--window HxW" in fails("evaluate", "--checkpoint", ckpt, "--data", shards,
-                                   "--mode", "slide", code=2)
+    assert "covers the whole image the model sees" in fails(
+        "evaluate", "--checkpoint", ckpt, "--data", shards, "--mode", "slide", "--window",
+        "64x128")
     assert "pass --data (shards) or --datadir" in fails("evaluate", "--checkpoint", ckpt,
                                                         code=2)
     assert "--eval-window and --eval-stride need --eval-mode slide" in fails(

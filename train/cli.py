@@ -35,12 +35,13 @@ def _errors():
     from pipeline.labels import MappingError
     from pipeline.shards import ShardError
     from train.checkpoint import CheckpointError
+    from train.evaluation import EvaluationError
     from train.inference import InferenceError
     from train.models import ModelError, WeightsError
     from train.predict import InputError
 
     return (ShardError, MappingError, DatasetError, CheckpointError, InputError, TrainingError,
-            InferenceError, ModelError, WeightsError)
+            InferenceError, ModelError, WeightsError, EvaluationError)
 
 
 def friendly_errors(fn):
@@ -253,13 +254,18 @@ def fit(compile_: bool, crop: str, scale: str, data: Path, out: Path, init: Path
 
 
 @main.command()
-@click.option("--checkpoint", required=True, type=click.Path(path_type=Path))
+@click.option("--checkpoint", required=True, type=click.Path(path_type=Path),
+              help="A checkpoint file, or a run directory: its checkpoints/best.pt.")
 @click.option("--data", type=click.Path(path_type=Path), default=None,
               help="Shard folder: score at shard resolution (optional with --datadir).")
 @click.option("--split", default="val")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
-              help="Folder for metrics.json, confusion.png, iou.png [RUN/eval-SPLIT beside "
-                   "the checkpoints].")
+              help="Folder for metrics.json, confusion.png, iou.png [beside the checkpoints, "
+                   "named by what is scored how: RUN/eval-SPLIT-CKPT[-full]-MODE[-ms][-flip], "
+                   "e.g. RUN/eval-val-best-slide].")
+@click.option("--overwrite", is_flag=True,
+              help="Replace an earlier evaluation's results (metrics.json, PNGs, zip) where "
+                   "this one writes; without it they are refused.")
 @click.option("--datadir", type=click.Path(path_type=Path), default=None,
               help="Cityscapes root with the originals, extracted or the official zips: "
                    "score at their resolution, with iIoU from the instanceIds PNGs.")

@@ -132,12 +132,38 @@ def format_metrics(metrics: dict) -> str:
     return "\n".join(lines)
 
 
-def default_out(checkpoint: Path, split: str) -> Path:
-    """RUN/eval-SPLIT beside RUN/checkpoints/, else beside the checkpoint file."""
+class EvaluationError(RuntimeError):
+    """An evaluation that would replace an earlier one's files; the message names them."""
+
+
+def default_out(checkpoint: Path, split: str, inference: Inference, full: bool) -> Path:
+    """Where `citytrain evaluate` writes unless told: beside RUN/checkpoints/ (else beside the
+    checkpoint file) a folder named by what was scored and how, so that no two evaluations
+    share one: RUN/eval-val-best-whole, RUN/eval-val-last-full-slide-ms-flip, ... (fit's own
+    final evaluation is RUN/eval-val)."""
     checkpoint = Path(checkpoint)
     run = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" \
         else checkpoint.parent
-    return run / f"eval-{split}"
+    scales = inference.scales
+    parts = [split, checkpoint.stem, *(["full"] if full else []), inference.mode,
+             *([] if scales == (1.0,) else [f"x{scales[0]:g}"] if len(scales) == 1 else ["ms"]),
+             *(["flip"] if inference.flip else [])]
+    return run / "-".join(["eval", *parts])
+
+
+def refuse_overwrite(out: Path | None, export_official: Path | None, submit: Path | None) \
+        -> None:
+    """Nothing an earlier evaluation wrote is replaced without --overwrite."""
+    def refuse(what: Path, option: str) -> None:
+        raise EvaluationError(f"{what}: already there, from an earlier evaluation; pass "
+                              f"--overwrite to replace it, or another {option}")
+
+    if submit is not None and Path(submit).exists():
+        refuse(Path(submit), "--submit ZIP")
+    if export_official is not None and any(Path(export_official).glob("*_pred.png")):
+        refuse(Path(export_official), "--export-official DIR")
+    if out is not None and (Path(out) / "metrics.json").exists():
+        refuse(Path(out) / "metrics.json", "--out DIR")
 
 
 def _benchmark_classes(mapping, checkpoint: Path) -> None:
@@ -159,9 +185,12 @@ def evaluate_checkpoint(checkpoint: Path, *, data: Path | None, split: str, out:
                         datadir: Path | None, export_official: Path | None,
                         submit: Path | None, inference: Inference, batch_size: int = 4,
                         amp: str = "off", device: str = "auto", workers: int | None = None,
-                        backend: str = "auto", echo=print) -> dict | None:
+                        backend: str = "auto", overwrite: bool = False,
+                        echo=print) -> dict | None:
     """The whole of `citytrain evaluate` (any number of ranks): the metrics written, or None
-    for a submission. Shards at `data`, originals at `datadir`; see the module doc."""
+    for a submission. Shards at `data`, originals at `datadir`; see the module doc. Results
+    go to `out` (default: `default_out`); files of an earlier evaluation there are an
+    EvaluationError unless `overwrite`."""
     from pipeline.cityscapes import DatasetError, check_root, tree_parts
     from pipeline.loader import build_loader
     from pipeline.shards import load_manifest
@@ -195,9 +224,12 @@ def evaluate_checkpoint(checkpoint: Path, *, data: Path | None, split: str, out:
         raise DatasetError(f"{Path(datadir) / 'gtFine' / split}: no labels to score the "
                            f"{split} split against; to predict it for the benchmark server, "
                            "pass --submit results.zip")
-    out = default_out(checkpoint, split) if out is None else Path(out)
     h, w = sizes.from_file(state["size"])  # the training shards' size: the scale the model sees
     inference = inference.for_model((h, w), training_crop(state))
+    if out is None:
+        out = default_out(checkpoint, split, inference, full=datadir is not None)
+    if not overwrite:  # before any work, on every rank alike
+        refuse_overwrite(None if submit is not None else Path(out), export_official, submit)
     dist = distributed.setup(device)
     try:
         model = model_from_checkpoint(state, checkpoint, dist.device)
