@@ -53,6 +53,7 @@ from pipeline.cityscapes import (
 )
 from pipeline.host import usable_cpus, worker_setup
 from pipeline.labels import Mapping, get_mapping
+from pipeline.progress import bar as progress_bar
 from pipeline.shards import (
     COMPRESSIONS,
     TMP_MARK,
@@ -416,7 +417,7 @@ def preprocess(
         _sweep(out, todo)
         workers = max(1, min(workers or usable_cpus(), len(todo) or 1))
         total = sum(len(t.pairs) for t in todo)
-        with tqdm(total=total, unit="img", desc=f"preprocess {out.name}",
+        with progress_bar(total=total, unit="img", desc=f"preprocess {out.name}",
                   disable=not progress or not total, dynamic_ncols=True) as bar:
             try:
                 if todo:

@@ -24,10 +24,10 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageFilter
-from tqdm import tqdm
 
 from pipeline import scene
 from pipeline.labels import LABELS
+from pipeline.progress import bar as progress_bar
 from pipeline.scene import ASPHALT, BRICK, FACADES, FLAT, GRASS, LEAVES, PAVING, PLANKS, SKY
 from pipeline.shards import atomic_write_bytes
 
@@ -345,7 +345,7 @@ def synthesize(root: Path, *, train: int = 20, val: int = 10, test: int = 0,
                                         ("test", test))
             for i in range(n)]
     paths = []
-    for split, i in tqdm(jobs, desc="synth", unit="frame", disable=not progress):
+    for split, i in progress_bar(jobs, desc="synth", unit="frame", disable=not progress):
         cities = CITIES[split]
         city, seq = cities[i % len(cities)], i // len(cities)
         stem = f"{city}_{seq:06d}_{FRAME:06d}"

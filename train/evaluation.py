@@ -106,6 +106,35 @@ def final_evaluation(model, loader, criterion, *, cfg, dist, inference: Inferenc
     return metrics
 
 
+def scores_text(metrics: dict) -> str:
+    """The four official scores and pixel accuracy on one line ('n/a' where not measured)."""
+    def fmt(v):
+        return "n/a" if v is None else f"{v:.4f}"
+
+    return (f"mIoU {fmt(metrics['miou'])}, iIoU {fmt(metrics.get('iiou'))}, category mIoU "
+            f"{fmt(metrics.get('category_miou'))}, category iIoU "
+            f"{fmt(metrics.get('category_iiou'))}, pixel acc {fmt(metrics['pixel_acc'])}")
+
+
+def said(metrics: dict, folder: Path) -> str:
+    """What `fit` says of its final evaluation: how it ran, its scores, where they are."""
+    s = metrics["inference"]
+    how = s["mode"]
+    if s["mode"] == "slide":
+        how += f" {sizes.text(sizes.from_file(s['window']))} (HxW)"
+    if s["scales"] != [1.0]:
+        how += f", scales {','.join(f'{v:g}' for v in s['scales'])}"
+    if s["flip"]:
+        how += ", flip"
+    text = (f"final evaluation ({metrics['split']}, {metrics['images']} images at "
+            f"{metrics['resolution']} resolution, {how}): {scores_text(metrics)}; wrote "
+            f"{Path(folder) / 'metrics.json'}, confusion.png, iou.png")
+    if metrics["resolution"] == "shard":
+        text += ("\n(iIoU needs the originals' instance ids: `citytrain evaluate --checkpoint "
+                 f"{metrics['checkpoint']} --datadir CITYSCAPES` gives all four scores)")
+    return text
+
+
 def format_metrics(metrics: dict) -> str:
     """The terminal summary: per-class IoU and iIoU, per-category, then the four scores."""
     def fmt(v):
@@ -119,9 +148,7 @@ def format_metrics(metrics: dict) -> str:
               f"{fmt(cat_inst[name]) if name in cat_inst else ''}".rstrip()
               for name, v in metrics["category_iou"].items()]
     lines.append(f"{metrics['split']} ({metrics['resolution']} resolution, {metrics['images']} "
-                 f"images): mIoU {fmt(metrics['miou'])}, iIoU {fmt(metrics.get('iiou'))}, "
-                 f"category mIoU {fmt(metrics.get('category_miou'))}, category iIoU "
-                 f"{fmt(metrics.get('category_iiou'))}, pixel acc {fmt(metrics['pixel_acc'])}")
+                 f"images): {scores_text(metrics)}")
     if metrics["resolution"] == "shard":
         lines.append("(iIoU needs the instance ids of the originals: evaluate with --datadir)")
     elif metrics.get("iiou") is None and not inst:

@@ -21,6 +21,7 @@ import ctypes
 import gc
 import math
 import resource
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -142,6 +143,25 @@ def _crop_that_fits(estimate: Estimate, budget: float, batch: int, crop: tuple[i
     return (h, w) if h >= multiple and w >= multiple else None
 
 
+SLOW_STEP_S = 1.0  # a CPU step this slow gets its run's duration estimated before it starts
+
+
+def time_estimate(step_s: float, steps_per_epoch: int, cfg: Config) -> str:
+    """What a slow CPU run will take, from the probe steps' time (`check_fits`' step_s)."""
+    from train.rundir import duration
+
+    epoch = step_s * steps_per_epoch
+    text = (f"preflight: on the CPU one step (batch {cfg.batch_size}) takes about "
+            f"{duration(step_s)} (from the probe steps): about {duration(epoch)} per epoch of "
+            f"{steps_per_epoch} steps, {duration(epoch * cfg.epochs)} for {cfg.epochs} epochs")
+    if cfg.time_limit is not None:
+        text += (f"; --time-limit {cfg.time_limit:g} s stops it after about "
+                 f"{max(1, int(cfg.time_limit // step_s))} steps")
+    faster = ["a GPU", *(["--amp bf16"] if cfg.amp == "off" else []),
+              "a smaller --crop, --batch-size or model"]
+    return f"{text}. Faster: {', '.join(faster)}"
+
+
 def check_fits(cfg: Config, dist: distributed.Dist, num_classes: int, crop: tuple[int, int],
                workers: int, backend: str) -> dict:
     """Stop (TrainingError) when one step at the configured size will not fit; returns the
@@ -160,7 +180,9 @@ def check_fits(cfg: Config, dist: distributed.Dist, num_classes: int, crop: tupl
         where = ("on this host (available memory within any cgroup limit, plus what these "
                  "processes hold)")
     distributed.barrier()  # every rank has looked before any probe allocates
+    tick = time.perf_counter()
     estimate = probe(cfg, num_classes, crop, dist.device)
+    probe_s = time.perf_counter() - tick
     # the ranks agree on one set of figures (the largest need, the smallest budget), so they
     # take one decision and rank 0's message is every rank's
     agreed = torch.tensor([estimate.fixed, estimate.per_pixel, -budget], dtype=torch.float64)
@@ -172,6 +194,9 @@ def check_fits(cfg: Config, dist: distributed.Dist, num_classes: int, crop: tupl
     total = step * ranks + workers_bytes
     figures = {"step_gb": step / GB, "total_gb": total / GB, "budget_gb": budget / GB,
                "per_pixel_bytes": estimate.per_pixel, "fixed_gb": estimate.fixed / GB}
+    if not gpu:  # one step each of batch 1 and 2 at a quarter of the crop: 3/4 of an image;
+        # a CPU step's time grows with its pixels (a GPU's first steps time its autotuning)
+        figures["step_s"] = probe_s * cfg.batch_size * 4 / 3
     if total <= budget:
         return figures
     per_rank = (budget - workers_bytes) / ranks
