@@ -65,6 +65,7 @@ class Part(click.ParamType):
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="cityseg", prog_name="cityprep")
 def main() -> None:
     """Cityscapes PNGs -> remapped, resized HDF5 shards for the DALI loader."""
 

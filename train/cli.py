@@ -1,11 +1,12 @@
-"""`citytrain`: fit, evaluate, predict, bench, gpu-report.
+"""`citytrain`: fit, evaluate, predict, runs, models, bench, gpu-report.
 
     citytrain fit --data data_cache/city-1024x512 --out runs/city [--epochs 100 --amp bf16 ...]
     torchrun --standalone --nproc_per_node=4 -m train.cli fit ...        (one process per GPU)
     citytrain evaluate --checkpoint runs/city/checkpoints/best.pt --data data_cache/city-1024x512
     citytrain evaluate --checkpoint ... --datadir ~/cityscapes --mode slide --window 512x1024
     citytrain evaluate --checkpoint ... --datadir ~/cityscapes --split test --submit results.zip
-    citytrain predict --checkpoint runs/city/checkpoints/best.pt --input photos/ --out preds/
+    citytrain predict --checkpoint runs/city --input photos/ --out preds/   (a run: its best.pt)
+    citytrain runs [runs]                                                 (a table of runs)
     citytrain bench --crop 512x1024 --batch-size 8 --amp bf16
     citytrain gpu-report --out runs/gpu-report                           (a CUDA GPU only)
     citytrain bench-inference --size 2048x1024
@@ -150,6 +151,7 @@ def parse_inference(mode: str, window: str | None, stride: str | None, scales: s
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.version_option(package_name="cityseg", prog_name="citytrain")
 def main() -> None:
     """Train and evaluate the U-Net on preprocessed Cityscapes shards."""
 
@@ -291,7 +293,9 @@ def evaluate(checkpoint: Path, data: Path | None, split: str, out: Path | None,
     per class and category), confusion.png, iou.png. Under torchrun every rank scores its
     share. With --submit: zip the split's predictions for the benchmark server instead."""
     from train.evaluation import evaluate_checkpoint
+    from train.rundir import resolve_checkpoint
 
+    checkpoint = resolve_checkpoint(checkpoint)
     inference = parse_inference(mode, window, stride, scales, flip, max_windows)
     if export_official is not None and datadir is None:
         raise click.UsageError("--export-official needs --datadir, the Cityscapes tree with "
@@ -311,28 +315,37 @@ def evaluate(checkpoint: Path, data: Path | None, split: str, out: Path | None,
 
 
 @main.command()
-@click.option("--checkpoint", required=True, type=click.Path(path_type=Path))
+@click.option("--checkpoint", required=True, type=click.Path(path_type=Path),
+              help="A checkpoint file, or a run directory: its checkpoints/best.pt.")
 @click.option("--input", "inputs", required=True, multiple=True, type=click.Path(path_type=Path),
               help="Image files or folders (repeat the option for several).")
 @click.option("--out", required=True, type=click.Path(path_type=Path))
 @click.option("--size", default=None, metavar="WxH|full",
               help="Resize to WxH for the model [the training shards' size]; 'full' = as is.")
+@click.option("--format", "format_", default="color",
+              type=click.Choice(["color", "trainid", "labelid"]),
+              help="color: NAME_mask.png in the palette's colours and NAME_overlay.png; "
+                   "trainid: NAME_trainid.png, the class ids as grey values; labelid: "
+                   "NAME_labelid.png, the official labelIds.")
 @inference_options()
 @click.option("--amp", default="off", type=AMPS,
               help="Autocast the model to this precision.")
 @click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]))
 @friendly_errors
 def predict(checkpoint: Path, inputs: tuple[Path, ...], out: Path, size: str | None,
-            mode: str, window: str | None, stride: str | None, scales: str, flip: bool,
-            max_windows: int, amp: str, device: str) -> None:
-    """Colorized masks and overlays for any images."""
+            format_: str, mode: str, window: str | None, stride: str | None, scales: str,
+            flip: bool, max_windows: int, amp: str, device: str) -> None:
+    """Colorized masks and overlays (or class id PNGs) for any images."""
     from train.checkpoint import load_checkpoint, model_from_checkpoint, training_crop
     from train.distributed import local_device
+    from train.export import as_mapping
     from train.losses import build_loss
     from train.predict import predict_paths
+    from train.rundir import resolve_checkpoint
 
     inference = parse_inference(mode, window, stride, scales, flip, max_windows)
     dev = local_device(device)
+    checkpoint = resolve_checkpoint(checkpoint)
     state = load_checkpoint(checkpoint)
     model = model_from_checkpoint(state, checkpoint, dev)
     trained = sizes.from_file(state["size"])
@@ -345,9 +358,13 @@ def predict(checkpoint: Path, inputs: tuple[Path, ...], out: Path, size: str | N
             raise click.BadParameter(str(e), param_hint="--size") from None
     inference = inference.for_model(shape, training_crop(state))
     loss = build_loss(state["losstype"], palette=state["palette"]).to(dev)
+    mapping = as_mapping(state["mapping"]) if state.get("mapping") else None
     written = predict_paths(model, list(inputs), out, mean=state["mean"], std=state["std"],
-                            loss=loss, device=dev, size=shape, inference=inference, amp=amp)
-    click.echo(f"wrote {len(written) // 2} masks and overlays to {out}")
+                            loss=loss, device=dev, size=shape, inference=inference, amp=amp,
+                            format=format_, mapping=mapping)
+    what = "masks and overlays" if format_ == "color" else f"{format_} PNGs"
+    n = len(written) // 2 if format_ == "color" else len(written)
+    click.echo(f"wrote {n} {what} to {out}")
 
 
 @main.command()
@@ -427,6 +444,30 @@ def models(size: str, as_json: bool) -> None:
                    f"{weights:<40} {top1:>6}  {norm}")
     click.echo(f"GFLOPs: one forward pass at {shape[1]}x{shape[0]} (WxH), counted by "
                "torch.utils.flop_counter; plain at its defaults (--width 64 --depth 4)")
+
+
+@main.command()
+@click.argument("folder", metavar="[DIR]", default="runs", required=False,
+                type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@friendly_errors
+def runs(folder: Path, as_json: bool) -> None:
+    """A table of the runs in DIR [runs]: encoder, epochs done, best val mIoU and its epoch,
+    the last evaluation's four scores (-: not measured, as iIoU at shard resolution),
+    training time, and state (running, stopped and why, done)."""
+    from train.rundir import find_runs, format_runs, run_summary
+
+    if not folder.is_dir():
+        raise click.ClickException(f"{folder}: no such folder (runs are the --out folders of "
+                                   "`citytrain fit`)")
+    rows = [run_summary(run, folder) for run in find_runs(folder)]
+    if as_json:
+        click.echo(json.dumps(rows, indent=1))
+    elif not rows:
+        click.echo(f"{folder}: no runs (a run is a `citytrain fit --out` folder, with "
+                   "config.json and metrics.csv)")
+    else:
+        click.echo(format_runs(rows))
 
 
 @main.command("gpu-report")

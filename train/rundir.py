@@ -79,6 +79,27 @@ def named_sizes(config: dict) -> dict:
     return config
 
 
+def resolve_checkpoint(path: Path) -> Path:
+    """What `--checkpoint` names: a checkpoint file as it is, a run directory (or its
+    checkpoints/ folder) its best.pt; other folders are a CheckpointError saying what to pass."""
+    from train.checkpoint import CheckpointError
+
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    folder = path if path.name == "checkpoints" else path / "checkpoints"
+    if (folder / "best.pt").is_file():
+        return folder / "best.pt"
+    if (folder / "last.pt").is_file():
+        raise CheckpointError(f"{path}: a run without best.pt (no validation has scored it "
+                              f"yet); pass --checkpoint {folder / 'last.pt'}")
+    if (path / "manifest.json").is_file():
+        raise CheckpointError(f"{path}: a shard folder, not a run: pass it as --data, and as "
+                              "--checkpoint a run directory (its best.pt) or a .pt file")
+    raise CheckpointError(f"{path}: a folder without checkpoints/best.pt; pass a checkpoint "
+                          "file or a run directory (`citytrain fit --out`)")
+
+
 def versions() -> dict[str, str | None]:
     out: dict[str, str | None] = {"python": platform.python_version()}
     for name in ("cityseg", "torch", "torchvision", "numpy", "h5py", "nvidia-dali-cuda130",
