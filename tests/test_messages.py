@@ -200,8 +200,8 @@ def test_a_slow_cpu_step_gets_its_run_estimated_first(shards, tmp_path, monkeypa
                "--time-limit", "3600", *FIT[:-1], "--preflight")
     assert r.exit_code == 0, r.output
     line = next(ln for ln in r.output.splitlines() if ln.startswith("preflight: on the CPU"))
-    assert re.fullmatch(r"preflight: on the CPU one step \(batch 2\) takes about \d+s \(from "
-                        r"the probe steps\): about \S+ per epoch of 3 steps, \S+ for 4 epochs; "
+    assert re.fullmatch(r"preflight: on the CPU one step \(batch 2\) takes about \d+s "
+                        r"\(timed\): about \S+ per epoch of 3 steps, \S+ for 4 epochs; "
                         r"--time-limit 3600 s stops it after about \d+ steps\. Faster: a GPU, "
                         r"--amp bf16, a smaller --crop, --batch-size or model", line), line
     config = json.loads((tmp_path / "r" / "config.json").read_text())
@@ -211,9 +211,9 @@ def test_a_slow_cpu_step_gets_its_run_estimated_first(shards, tmp_path, monkeypa
 def test_the_estimate_adds_up():
     cfg = Config(epochs=10, batch_size=8, time_limit=600.0, amp="bf16")
     text = preflight.time_estimate(180.0, 15, cfg)
-    assert text.startswith("preflight: on the CPU one step (batch 8) takes about 3m00s (from "
-                           "the probe steps): about 45m00s per epoch of 15 steps, 7h30m for 10 "
-                           "epochs; --time-limit 600 s stops it after about 3 steps.")
+    assert text.startswith("preflight: on the CPU one step (batch 8) takes about 3m00s "
+                           "(timed): about 45m00s per epoch of 15 steps, 7h30m for 10 epochs; "
+                           "--time-limit 600 s stops it after about 3 steps.")
     assert "--amp bf16" not in text
 
 

@@ -100,6 +100,11 @@ def _fit(cfg: Config, dist: distributed.Dist) -> dict:
     manifest = load_manifest(Path(cfg.data))
     final_inference = _against_shards(cfg, manifest, final_inference)
     saved = load_checkpoint(last_path) if cfg.resume else None
+    if saved is not None and _finished(RunState(epoch=saved["epoch"], elapsed=saved["elapsed"]),
+                                       cfg):  # nothing to train: say so, and its best
+        if dist.is_main:
+            tqdm.write(_finished_text(out, saved["epoch"], cfg))
+        return dict(saved.get("metrics") or {})
     try:
         model = model_from_config(cfg, output_channels(cfg.losstype, len(manifest["classes"])),
                                   pretrained=not (cfg.resume or cfg.init))
@@ -171,16 +176,9 @@ def _fit(cfg: Config, dist: distributed.Dist) -> dict:
         state.epoch, state.step, state.elapsed = saved["epoch"], saved["step"], saved["elapsed"]
         state.best_miou, state.epoch_sums = saved["best_miou"], EpochState(**saved["epoch_state"])
         _resume_loader(train_loader, saved["loader"], state, last_path)
-        if dist.is_main and not _finished(state, cfg):
+        if dist.is_main:
             tqdm.write(f"resuming {last_path} at step {state.step}: "
                        + _where(state, cfg, train_loader))
-    if saved is not None and _finished(state, cfg):  # nothing to train: say so, and its best
-        for loader in (train_loader, val_loader):
-            if loader is not None:
-                loader.close()
-        if dist.is_main:
-            tqdm.write(_finished_text(out, state, cfg))
-        return dict(saved.get("metrics") or {})
 
     train_model = model
     if dist.distributed:
@@ -433,12 +431,13 @@ def _best_text(out: Path, best: tuple[float, int] | None) -> str:
             f"({out / 'checkpoints' / 'best.pt'})")
 
 
-def _finished_text(out: Path, state: RunState, cfg: Config) -> str:
+def _finished_text(out: Path, epoch: int, cfg: Config) -> str:
     from train.rundir import best_of
 
-    spent = f"its --time-limit {cfg.time_limit:g} s is spent" if state.time_up(cfg) else \
-        f"{state.epoch}/{cfg.epochs} epochs done"
-    more = "a larger --time-limit" if state.time_up(cfg) else f"--epochs above {state.epoch}"
+    by_time = epoch < cfg.epochs  # finished, and not by its epochs: by its time limit
+    spent = f"its --time-limit {cfg.time_limit:g} s is spent" if by_time else \
+        f"{epoch}/{cfg.epochs} epochs done"
+    more = "a larger --time-limit" if by_time else f"--epochs above {epoch}"
     return (f"{out}: this run is finished ({spent}); {_best_text(out, best_of(out))}; "
             f"nothing to train: resume with {more} to train on")
 

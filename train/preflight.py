@@ -146,17 +146,42 @@ def _crop_that_fits(estimate: Estimate, budget: float, batch: int, crop: tuple[i
 SLOW_STEP_S = 1.0  # a CPU step this slow gets its run's duration estimated before it starts
 
 
+def step_seconds(cfg: Config, num_classes: int, crop: tuple[int, int],
+                 device: torch.device) -> float:
+    """How long one training step of `cfg` takes on the CPU: one step of a throwaway model
+    at the configured batch and crop, timed (a model's first step is its slowest, by a few
+    tens of percent once the process has run any step: the estimate errs long)."""
+    model = model_from_config(cfg, output_channels(cfg.losstype, num_classes),
+                              pretrained=False).to(device).train()
+    optimizer = build_optimizer(model, cfg)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
+    criterion = build_loss(cfg.losstype, palette=[[0, 0, 0]] * num_classes).to(device)
+    fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    model = model.to(memory_format=fmt)
+    data = {"image": torch.randn(cfg.batch_size, 3, *crop, device=device).contiguous(
+                memory_format=fmt),
+            "label": torch.zeros(cfg.batch_size, *crop, dtype=torch.long, device=device)}
+    tick = time.perf_counter()
+    train_step(model, data, criterion, optimizer, scaler, amp=cfg.amp)
+    seconds = time.perf_counter() - tick
+    del model, optimizer, data
+    gc.collect()
+    _malloc_trim()
+    return seconds
+
+
 def time_estimate(step_s: float, steps_per_epoch: int, cfg: Config) -> str:
-    """What a slow CPU run will take, from the probe steps' time (`check_fits`' step_s)."""
+    """What a slow CPU run will take, from `step_seconds` (`check_fits`' step_s)."""
     from train.rundir import duration
 
     epoch = step_s * steps_per_epoch
     text = (f"preflight: on the CPU one step (batch {cfg.batch_size}) takes about "
-            f"{duration(step_s)} (from the probe steps): about {duration(epoch)} per epoch of "
+            f"{duration(step_s)} (timed): about {duration(epoch)} per epoch of "
             f"{steps_per_epoch} steps, {duration(epoch * cfg.epochs)} for {cfg.epochs} epochs")
     if cfg.time_limit is not None:
-        text += (f"; --time-limit {cfg.time_limit:g} s stops it after about "
-                 f"{max(1, int(cfg.time_limit // step_s))} steps")
+        steps = max(1, int(cfg.time_limit // step_s))
+        text += (f"; --time-limit {cfg.time_limit:g} s stops it after about {steps} "
+                 f"step{'s' if steps > 1 else ''}")
     faster = ["a GPU", *(["--amp bf16"] if cfg.amp == "off" else []),
               "a smaller --crop, --batch-size or model"]
     return f"{text}. Faster: {', '.join(faster)}"
@@ -194,10 +219,12 @@ def check_fits(cfg: Config, dist: distributed.Dist, num_classes: int, crop: tupl
     total = step * ranks + workers_bytes
     figures = {"step_gb": step / GB, "total_gb": total / GB, "budget_gb": budget / GB,
                "per_pixel_bytes": estimate.per_pixel, "fixed_gb": estimate.fixed / GB}
-    if not gpu:  # one step each of batch 1 and 2 at a quarter of the crop: 3/4 of an image;
-        # a CPU step's time grows with its pixels (a GPU's first steps time its autotuning)
-        figures["step_s"] = probe_s * cfg.batch_size * 4 / 3
     if total <= budget:
+        if not gpu and probe_s * cfg.batch_size * 4 / 3 >= SLOW_STEP_S:
+            # The probes ran 3/4 of an image's pixels; scaled to the batch their time bounds
+            # a step's from above (small steps are mostly fixed costs). A run whose step may
+            # be this slow is worth one real step, timed: it fits, as just measured.
+            figures["step_s"] = step_seconds(cfg, num_classes, crop, dist.device)
         return figures
     per_rank = (budget - workers_bytes) / ranks
     hints = []
