@@ -150,7 +150,8 @@ def load_pair(
     ids = read_label_ids(pair.label)
     if image.shape[:2] != ids.shape:
         (ih, iw), (lh, lw) = image.shape[:2], ids.shape
-        raise DatasetError(f"{pair.image} is {iw}x{ih} but its label {pair.label} is {lw}x{lh}")
+        raise DatasetError(f"{pair.image} is {iw}x{ih} but its label {pair.label} is {lw}x{lh} "
+                           "(WxH)")
     _check_covered(ids, mapping, pair.label)
     small, small_ids = resize_pair(image, ids, size)
     return small, mapping.lut[small_ids], ids.shape

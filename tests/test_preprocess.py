@@ -288,7 +288,7 @@ def test_size_mismatch(tmp_path):
     label = label_path(root, "bochum_000001_000019")
     write_png(label, np.full((30, 64), 7, np.uint8))
     with pytest.raises(DatasetError, match=rf"^{image_path(root, 'bochum_000001_000019')} is "
-                                           rf"64x32 but its label {label} is 64x30$"):
+                                           rf"64x32 but its label {label} is 64x30 \(WxH\)$"):
         preprocess(root, tmp_path / "out", splits=["train"], **KW)
     assert_clean(tmp_path / "out")
     assert list((tmp_path / "out").glob("*.h5")) == []

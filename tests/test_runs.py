@@ -181,3 +181,12 @@ def test_both_clis_say_their_version():
     version = metadata.version("cityseg")
     assert ok(citytrain, "--version").strip() == f"citytrain, version {version}"
     assert ok(cityprep, "--version").strip() == f"cityprep, version {version}"
+
+
+@pytest.mark.parametrize("command, flag", [("evaluate", "--overwrite"), ("predict", "--format"),
+                                           ("runs", "--json"), ("evaluate", "--checkpoint"),
+                                           ("predict", "--checkpoint")])
+def test_help_explains_the_new_options(command, flag):
+    out = ok(citytrain, command, "--help")
+    line = next(x for x in out.splitlines() if x.strip().startswith(flag + " "))
+    assert len(line.split(flag, 1)[1].strip()) > 10, line  # an explanation, not just the flag

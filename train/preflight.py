@@ -246,7 +246,7 @@ def check_fits(cfg: Config, dist: distributed.Dist, num_classes: int, crop: tupl
     who = f"{ranks} processes on this host" if ranks > 1 else "this process"
     raise AgreedError(
         f"not enough memory: one training step at batch {cfg.batch_size}, crop "
-        f"{crop[0]}x{crop[1]}, " + (f"width {cfg.width}" if plain else cfg.encoder)
+        f"{crop[0]}x{crop[1]} (HxW), " + (f"width {cfg.width}" if plain else cfg.encoder)
         + f", --amp {cfg.amp} needs about {step / GB:.1f} "
         f"GB per process, {total / GB:.1f} GB for {who}"
         + (" with their loader workers" if workers_bytes else "")
