@@ -100,17 +100,18 @@ def _fit(cfg: Config, dist: distributed.Dist) -> dict:
     manifest = load_manifest(Path(cfg.data))
     final_inference = _against_shards(cfg, manifest, final_inference)
     saved = load_checkpoint(last_path) if cfg.resume else None
-    if saved is not None and _finished(RunState(epoch=saved["epoch"], elapsed=saved["elapsed"]),
-                                       cfg):  # nothing to train: say so, and its best
-        if dist.is_main:
-            tqdm.write(_finished_text(out, saved["epoch"], cfg))
-        return dict(saved.get("metrics") or {})
     try:
         model = model_from_config(cfg, output_channels(cfg.losstype, len(manifest["classes"])),
                                   pretrained=not (cfg.resume or cfg.init))
     except ModelError as e:
         raise TrainingError(str(e)) from None
     arch = dict(model.config)
+    if saved is not None and _finished(RunState(epoch=saved["epoch"], elapsed=saved["elapsed"]),
+                                       cfg):  # nothing to train: say so, and its best
+        check_arch(saved, arch, last_path)  # (another model given is refused all the same)
+        if dist.is_main:
+            tqdm.write(_finished_text(out, saved["epoch"], cfg))
+        return dict(saved.get("metrics") or {})
     init = None
     if cfg.init:  # before SyncBatchNorm and DDP: every rank loads the same weights
         init = init_from_checkpoint(model, Path(cfg.init), classes=list(manifest["classes"]),
