@@ -13,6 +13,9 @@ EPOCHS ?= 100
 RUN ?= runs/cityscapes-$(SIZE)
 # An ImageNet ResNet-50 under the U-Net decoder (README, "Models"); ENCODER=plain: from scratch
 ENCODER ?= resnet50
+# torchrun restarts a group whose rank failed (a lost GPU, the OOM killer) this many times;
+# with --resume auto each restart continues from the last step checkpoint
+RESTARTS ?= 3
 # The DALI build: cuda13 matches torch's default wheels; CUDA=12 for a CUDA 12 torch.
 CUDA ?= 13
 OTHER_CUDA := $(if $(filter 12,$(CUDA)),13,12)
@@ -28,7 +31,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	@# two DALI builds in one environment overwrite each other's files: keep one
 	$(BIN)/python -m pip uninstall -q -y nvidia-dali-cuda$(OTHER_CUDA)0 2>/dev/null || true
-	$(BIN)/python -m pip install -q -e '.[dev,cuda$(CUDA)]'
+	$(BIN)/python -m pip install -q -e '.[dev,deploy,cuda$(CUDA)]'
 	touch $(STAMP)
 
 test: install
@@ -45,10 +48,11 @@ preprocess: install
 
 # One process first checks that a step fits in memory for all $(GPUS) (one clear message
 # rather than the OOM killer, or torchrun's page for a failed rank), fetching the encoder's
-# ImageNet weights into torch's hub cache on the way; then torchrun.
+# ImageNet weights into torch's hub cache on the way; then torchrun, which restarts a failed
+# group. --resume auto: the same command starts RUN or continues it.
 train: install
-	LOCAL_WORLD_SIZE=$(GPUS) $(BIN)/citytrain fit --data $(DATA) --out $(RUN) --epochs $(EPOCHS) --encoder $(ENCODER) $(ARGS) --preflight-only
-	$(BIN)/torchrun --standalone --nproc_per_node=$(GPUS) -m train.cli fit --data $(DATA) --out $(RUN) --epochs $(EPOCHS) --encoder $(ENCODER) $(ARGS) --no-preflight
+	LOCAL_WORLD_SIZE=$(GPUS) $(BIN)/citytrain fit --data $(DATA) --out $(RUN) --epochs $(EPOCHS) --encoder $(ENCODER) --resume auto $(ARGS) --preflight-only
+	$(BIN)/torchrun --standalone --nproc_per_node=$(GPUS) --max-restarts=$(RESTARTS) -m train.cli fit --data $(DATA) --out $(RUN) --epochs $(EPOCHS) --encoder $(ENCODER) --resume auto $(ARGS) --no-preflight
 
 # every rank scores its share; ARGS e.g. "--datadir $(DATADIR) --mode slide --window 512x1024"
 evaluate: install

@@ -84,22 +84,27 @@ def main() -> None:
 @click.option("--extra", default=0, show_default=True,
               help="Frames in train_extra (images and gtCoarse only, as in Cityscapes); "
                    "implies --coarse.")
+@click.option("--sequence", default=0, show_default=True,
+              help="Frames of a drive in the demoVideo layout "
+                   "(leftImg8bit/demoVideo/stuttgart_00/), for `citytrain predict --video`.")
 def synth(out: Path, train: int, val: int, test: int, size: tuple[int, int], seed: int,
-          coarse: bool, extra: int) -> None:
+          coarse: bool, extra: int, sequence: int) -> None:
     """Write a synthetic city into OUT.
 
     Street scenes in the exact Cityscapes layout (leftImg8bit, gtFine, with --coarse or --extra
     gtCoarse too), deterministic per seed.
     """
-    from pipeline.synth import synthesize
+    from pipeline.synth import synthesize, synthesize_sequence
 
     try:
         synthesize(out, train=train, val=val, test=test, size=size, seed=seed, coarse=coarse,
                    extra=extra, progress=True)
+        if sequence:
+            synthesize_sequence(out, frames=sequence, size=size, seed=seed, progress=True)
     except ValueError as e:  # synth's checks of its arguments
         raise click.ClickException(str(e)) from None
     counts = [f"{train} train", f"{val} val"] + [f"{n} {split}" for n, split in (
-        (extra, "train_extra"), (test, "test")) if n]
+        (extra, "train_extra"), (test, "test"), (sequence, "demoVideo")) if n]
     click.echo(f"{out}: {', '.join(counts)} frames at {sizes.text(size, 'WxH')}"
                f"{' with gtCoarse labels' if coarse or extra else ''}")
 

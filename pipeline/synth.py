@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -371,5 +372,43 @@ def synthesize(root: Path, *, train: int = 20, val: int = 10, test: int = 0,
         img_dir.mkdir(parents=True, exist_ok=True)
         path = img_dir / f"{stem}_leftImg8bit.png"
         atomic_write_bytes(path, _png(rgb, 1))
+        paths.append(path)
+    return paths
+
+
+# ---------------------------------------------------------------------------------- a drive
+
+SEQUENCE_CITY = "stuttgart_00"  # as the first sequence of leftImg8bit_demoVideo.zip
+ZOOM = 1.3  # how much nearer the last frame is than the first
+
+
+def synthesize_sequence(root: Path, *, frames: int = 30, size: tuple[int, int] = (1024, 2048),
+                        seed: int = 0, progress: bool = False) -> list[Path]:
+    """`frames` consecutive frames of one drive in the demoVideo layout under `root`:
+    leftImg8bit/demoVideo/stuttgart_00/stuttgart_00_000000_{k:06d}_leftImg8bit.png, k from 1.
+
+    One street is rendered once at 1.3x the size and the camera moves towards its vanishing
+    point by zooming in around it, frame by frame: cheap, smooth, and a video of it reads as a
+    drive (as demoVideo, no labels). Returns the images in frame order.
+    """
+    h, w = (int(v) for v in size)
+    if w < 32 or h < 16:
+        raise ValueError(f"synthetic sequence: size {w}x{h} is too small (at least 32x16)")
+    if frames < 1 or seed < 0:
+        raise ValueError("synthetic sequence: --sequence must be positive, --seed not negative")
+    sc = scene.Scene((math.ceil(h * ZOOM), math.ceil(w * ZOOM)), np.random.default_rng([seed, 9]))
+    _build(sc)
+    street = Image.fromarray(_render(sc))
+    folder = Path(root) / "leftImg8bit" / "demoVideo" / SEQUENCE_CITY
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for k in progress_bar(range(frames), desc="sequence", unit="frame", disable=not progress):
+        zoom = 1 + (ZOOM - 1) * k / max(frames - 1, 1)
+        # the box keeps the vanishing point (cx, hy) where it is in the frame
+        box = (sc.cx * (1 - 1 / zoom), sc.hy * (1 - 1 / zoom),
+               sc.cx * (1 - 1 / zoom) + sc.w / zoom, sc.hy * (1 - 1 / zoom) + sc.h / zoom)
+        frame = street.resize((w, h), Image.BICUBIC, box=box)
+        path = folder / f"{SEQUENCE_CITY}_000000_{k + 1:06d}_leftImg8bit.png"
+        atomic_write_bytes(path, _png(np.asarray(frame), 1))
         paths.append(path)
     return paths

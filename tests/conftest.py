@@ -88,3 +88,58 @@ def make_dataset(tmp_path) -> Callable[..., Path]:
         return write_dataset(tmp_path / f"data{next(counter)}", splits, **kwargs)
 
     return make
+
+
+MEAN, STD = [0.29, 0.33, 0.29], [0.19, 0.19, 0.19]
+
+
+def fit_briefly(model, size: tuple[int, int] = SHARD_SIZE, steps: int = 20, seed: int = 0):
+    """A few Adam steps on two synthetic frames, so that the model predicts several classes
+    where they are: a random one predicts one class everywhere, and any comparison of its
+    predictions would pass. Leaves the model in eval mode, its BatchNorm statistics learnt."""
+    import torch
+    import torch.nn.functional as F
+
+    from pipeline.photometric import normalize
+    from pipeline.synth import render_frame
+
+    mapping = get_mapping("trainid")
+    frames = [render_frame(size, np.random.default_rng([seed, i])) for i in range(2)]
+    x = normalize(np.stack([f[0] for f in frames]), MEAN, STD)
+    y = torch.as_tensor(np.stack([mapping.remap(f[1]) for f in frames])).long()
+    opt = torch.optim.Adam(model.parameters(), 1e-2)
+    model.train()
+    for _ in range(steps):
+        loss = F.cross_entropy(model(x), y, ignore_index=255)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+def write_checkpoint(path: Path, model, *, size: tuple[int, int] = SHARD_SIZE,
+                     losstype: str = "segment") -> Path:
+    """A checkpoint of `model` with everything predict and export read: trainid classes,
+    palette and mapping, a mean/std, the training size (H, W)."""
+    from train.checkpoint import save_checkpoint
+
+    mapping = get_mapping("trainid")
+    save_checkpoint(path, {"model": model.state_dict(), "arch": model.config,
+                           "classes": mapping.classes, "categories": mapping.categories,
+                           "palette": mapping.palette.tolist(), "mean": MEAN, "std": STD,
+                           "losstype": losstype, "ignore_index": 255,
+                           "size": [size[1], size[0]], "mapping": mapping.to_json(),
+                           "epoch": 1, "step": 10})
+    return path
+
+
+@pytest.fixture(scope="session")
+def unet_checkpoint(tmp_path_factory) -> Path:
+    """A small U-Net (width 8, depth 3), briefly fitted at 128x64."""
+    import torch
+
+    from train.models.plain import UNet
+
+    torch.manual_seed(0)
+    model = fit_briefly(UNet(get_mapping("trainid").num_classes, width=8, depth=3))
+    return write_checkpoint(tmp_path_factory.mktemp("ckpt") / "unet.pt", model)

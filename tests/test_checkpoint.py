@@ -91,8 +91,8 @@ def test_a_finished_run_refuses_a_fresh_start_and_resume_needs_a_checkpoint(make
     fit(tiny(data, tmp_path / "run", epochs=1))
     with pytest.raises(engine.TrainingError, match="already holds a run"):
         fit(tiny(data, tmp_path / "run", epochs=1))
-    with pytest.raises(CheckpointError, match=r"another architecture \(width=8\); this run "
-                                              r"builds width=16"):
+    with pytest.raises(engine.TrainingError, match=r"another architecture \(width=8\); this "
+                                                   r"run builds width=16\. A resumed run"):
         fit(tiny(data, tmp_path / "run", epochs=2, width=16, resume=True))
 
 

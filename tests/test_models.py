@@ -251,8 +251,8 @@ def test_pretrained_normalization_is_used_recorded_and_reused(resnet18_file, sha
 def test_init_from_another_encoder_is_refused_naming_both(resnet18_run, shards, tmp_path):
     out, _ = resnet18_run
     msg = run("fit", "--data", shards, "--out", tmp_path / "run", "--init",
-              out / "checkpoints" / "last.pt", "--width", "8", "--depth", "2", "--device", "cpu",
-              "--workers", "0", code=1)
+              out / "checkpoints" / "last.pt", "--encoder", "plain", "--width", "8", "--depth",
+              "2", "--device", "cpu", "--workers", "0", code=1)
     assert "checkpoint holds a resnet18 model, this run builds plain: pass --encoder " \
            "resnet18" in msg
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import os
 import shlex
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -73,12 +75,68 @@ def test_train_starts_one_torchrun_per_node_meeting_on_the_first(stubs, tmp_path
                                "--kill-on-bad-exit=1"]
     assert call[torchrun + 1:] == [
         "--nnodes=2", "--nproc_per_node=8", "--rdzv-backend=c10d",
-        "--rdzv-endpoint=gpu-a07:29500", "--rdzv-id=4242", "-m", "train.cli", "fit", "--data",
-        "/shared/cs", "--out", str(tmp_path / "run"), "--epochs", "200", "--workers", "8",
-        "--init", "runs/coarse/checkpoints/last.pt"]
-    # resubmitted after a time limit: the run's own checkpoint, never --init with --resume
+        "--rdzv-endpoint=gpu-a07:29500", "--rdzv-id=4242", "--max-restarts=3", "-m",
+        "train.cli", "fit", "--data", "/shared/cs", "--out", str(tmp_path / "run"), "--epochs",
+        "200", "--workers", "8", "--resume", "auto", "--init", "runs/coarse/checkpoints/last.pt"]
+    # requeued after a time limit, RUN holding a checkpoint: the same command, the trainer
+    # continues (--resume auto) and --init only counts for a run's start
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)
     (tmp_path / "run" / "checkpoints" / "last.pt").write_bytes(b"")
     (tmp_path / "calls.txt").unlink()
-    [call] = run("train.sbatch", stubs, tmp_path, **env)
-    assert call[-1] == "--resume" and "--init" not in call
+    assert run("train.sbatch", stubs, tmp_path, **env) == [call]
+    text = (SLURM / "train.sbatch").read_text()
+    assert "#SBATCH --requeue" in text and "#SBATCH --signal=B:USR1@" in text
+    assert "#SBATCH --open-mode=append" in text  # every allocation's lines in one log
+
+
+SAVING_SRUN = """#!/bin/bash
+# srun as the trainers behave under it: SIGTERM, a save, exit 143 (128 + SIGTERM)
+printf "%q " srun "$@" >> {calls}; echo >> {calls}
+trap 'echo "srun: SIGTERM, saving" >> {calls}; sleep 0.3; echo "srun: exit 143" >> {calls};
+      exit 143' TERM
+for _ in $(seq {loops}); do sleep 0.1; done
+echo "srun: done" >> {calls}
+exit {status}
+"""
+
+
+def start(stubs: Path, tmp_path: Path, status: int = 0, seconds: float = 60) \
+        -> subprocess.Popen:
+    """train.sbatch started, its srun running (for `seconds` unless signalled)."""
+    calls = tmp_path / "calls.txt"
+    (stubs / "srun").write_text(SAVING_SRUN.format(calls=calls, status=status,
+                                                   loops=int(seconds * 10)))
+    (stubs / "scontrol").write_text(
+        f'#!/bin/bash\nif [ "$1" = requeue ]; then echo "scontrol $*" >> {calls}; '
+        "else printf 'gpu-a07\\n'; fi\n")
+    env = {"PATH": f"{stubs}:{os.environ['PATH']}", "HOME": str(tmp_path), "BIN": str(stubs),
+           "SLURM_JOB_ID": "4242", "SLURM_NNODES": "1", "SLURM_JOB_NODELIST": "gpu-a07",
+           "SLURM_GPUS_ON_NODE": "8", "SLURM_RESTART_COUNT": "2", "RUN": str(tmp_path / "r")}
+    proc = subprocess.Popen(["bash", str(SLURM / "train.sbatch")], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 30
+    while not (calls.is_file() and calls.read_text().startswith("srun ")):
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    return proc
+
+
+@pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGTERM])
+def test_train_requeues_itself_after_the_trainers_saved(stubs, tmp_path, signum):
+    # USR1: SLURM's warning before the time limit; TERM: a preemption
+    proc = start(stubs, tmp_path)
+    proc.send_signal(signum)
+    log, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, log
+    calls = (tmp_path / "calls.txt").read_text().splitlines()
+    assert calls[1:] == ["srun: SIGTERM, saving", "srun: exit 143", "scontrol requeue 4242"]
+    assert "train.sbatch: job 4242, allocation 3 on 1 node(s) from gpu-a07" in log
+    assert f"train.sbatch: {signum.name} at" in log and "requeueing job 4242" in log
+
+
+def test_train_ends_as_the_training_ends_without_a_requeue(stubs, tmp_path):
+    proc = start(stubs, tmp_path, status=3, seconds=1)  # failed past torchrun's restarts
+    log, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 3, log
+    calls = (tmp_path / "calls.txt").read_text().splitlines()
+    assert calls[1:] == ["srun: done"] and "requeue" not in log

@@ -5,7 +5,8 @@ elsewhere cannot run code:
 
     format, format_version, model (state_dict), arch (the model's config: build_model(**arch)),
     classes, categories, palette, mean, std, normalization ("dataset" or the pretrained
-    weights whose mean/std these are), losstype, size ([W, H] of the training shards),
+    weights whose mean/std these are), shards_mean, shards_std (the training shards'
+    own statistics), losstype, size ([W, H] of the training shards),
     optimizer, scheduler,
     scaler, epoch (epochs finished), step (optimizer steps), loader (its state_dict),
     rng (torch / numpy / python / cuda), best_miou, metrics, config, elapsed
@@ -16,6 +17,8 @@ from __future__ import annotations
 import io
 import pickle
 import random
+import threading
+import time
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -23,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline import sizes
 from pipeline.shards import atomic_write_bytes
 from train.models.registry import arch_of
 
@@ -34,14 +38,79 @@ class CheckpointError(RuntimeError):
     """A checkpoint that is missing, unreadable, or made for another model or class set."""
 
 
-def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Serialise in memory, then write to a temporary name and rename: never half a file."""
+def save_checkpoint(path: Path, state: dict[str, Any], *more: Path) -> None:
+    """Serialise in memory, then write to a temporary name and rename: never half a file.
+    The same bytes go to every path, in order."""
     state = {"format": FORMAT, "format_version": FORMAT_VERSION, **state}
     buffer = io.BytesIO()
     torch.save(state, buffer)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, buffer.getvalue())
+    for p in (Path(path), *map(Path, more)):
+        p.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(p, buffer.getbuffer())
+
+
+def snapshot(state: Any) -> Any:
+    """A copy of `state` whose tensors are on the CPU and its own: the run changes its
+    weights in place after this, the copy keeps this step's. On a GPU this is the
+    device-to-host copy; the containers are rebuilt, plain values shared."""
+    if isinstance(state, torch.Tensor):  # clone: `.to(copy=True)` is slower on a CPU
+        return state.detach().clone() if state.device.type == "cpu" else state.detach().cpu()
+    if isinstance(state, dict):
+        return {k: snapshot(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(snapshot(v) for v in state)
+    return state
+
+
+class CheckpointWriter:
+    """Writes checkpoints in a background thread, so that the training loop pays for the
+    copy of the state (`snapshot`) and not for serialising it and the disk.
+
+    One write at a time, in the order asked: a save first waits for the previous one. Every
+    file is written under a temporary name and renamed, so a kill at any moment leaves the
+    previous checkpoint whole. A failed write is raised by the next `save`, `wait` or
+    `close`, naming the file.
+    """
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._error: tuple[Path, BaseException] | None = None
+        self.write_seconds = 0.0  # of the last finished write, in the thread
+
+    def save(self, state: dict[str, Any], path: Path, *more: Path, wait: bool = False) \
+            -> float:
+        """Queue `state` for `path` (then each of `more`); returns the seconds the caller
+        was held (the previous write's end, the snapshot, with `wait` the write)."""
+        tick = time.perf_counter()
+        self.wait()
+        copy = snapshot(state)
+        self._thread = threading.Thread(target=self._write, args=(copy, (path, *more)),
+                                        name="checkpoint-writer")
+        self._thread.start()
+        if wait:
+            self.wait()
+        return time.perf_counter() - tick
+
+    def _write(self, state: dict[str, Any], paths: tuple[Path, ...]) -> None:
+        tick = time.perf_counter()
+        try:
+            save_checkpoint(paths[0], state, *paths[1:])
+        except BaseException as e:  # noqa: BLE001 - handed to the training thread
+            self._error = (Path(paths[0]), e)
+        self.write_seconds = time.perf_counter() - tick
+
+    def wait(self) -> None:
+        """Until the last write is on disk; raises its error."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            path, error = self._error
+            self._error = None
+            raise CheckpointError(f"{path}: could not write the checkpoint "
+                                  f"({type(error).__name__}: {error})") from error
+
+    close = wait
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -99,6 +168,33 @@ def check_classes(state: dict, classes: list[str], path: Path, data: str | Path 
             f"{', ...' if len(saved) > 5 else ''}) but {data} has {len(classes)} "
             f"({', '.join(classes[:5])}{', ...' if len(classes) > 5 else ''})"
         )
+
+
+# of the shards a checkpoint was trained on (`mean`/`std` are the model's normalization,
+# which may be the pretrained weights': the shards' own statistics are kept beside them)
+DATA_KEYS = ("size", "mapping", "shards_mean", "shards_std")
+
+
+def check_data(state: dict, about: dict, path: Path, data: str | Path = "the data") -> None:
+    """A resumed run must read the shards it was trained on, wherever they are now: the
+    same size, mapping and training-set statistics (a copy elsewhere has the same)."""
+    def same(key: str, a, b) -> bool:
+        if key == "size" and a is not None and b is not None:  # named, or an older [W, H]
+            return sizes.from_file(a) == sizes.from_file(b)
+        return a == b
+
+    def shown(key: str, value) -> str:
+        return f"{sizes.text(sizes.from_file(value), 'WxH')} (WxH)" if key == "size" and \
+            value is not None else str(value)
+
+    differ = [k for k in DATA_KEYS if k in state and not same(k, state[k], about.get(k))]
+    if differ:
+        said = "; ".join("another label mapping" if k == "mapping"
+                         else f"{k.removeprefix('shards_')} {shown(k, state[k])} there, "
+                              f"{shown(k, about.get(k))} here"
+                         for k in differ)
+        raise CheckpointError(f"{path}: the run was trained on other shards than {data} "
+                              f"({said}); pass --data with the run's shards")
 
 
 def load_model_weights(model: torch.nn.Module, state: dict, path: Path) -> None:

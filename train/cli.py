@@ -10,6 +10,8 @@
     citytrain bench --crop 512x1024 --batch-size 8 --amp bf16
     citytrain gpu-report --out runs/gpu-report                           (a CUDA GPU only)
     citytrain bench-inference --size 2048x1024
+    citytrain bench-checkpoint --dir runs/                    (what a save costs, per --save-every)
+    citytrain bench-restart                        (what one SIGKILLed rank costs, under torchrun)
 
 Sizes: an image's --size is WxH; a crop, window or stride is HxW (pipeline/sizes.py).
 """
@@ -22,9 +24,18 @@ import os
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
 from pipeline import sizes
-from train.config import AMP_MODES, AgreedError, Config, Interrupted, TrainingError
+from train.config import (
+    AMP_MODES,
+    EVAL_FIELDS,
+    AgreedError,
+    Config,
+    Interrupted,
+    TrainingError,
+    read_config_file,
+)
 
 DEFAULTS = Config()
 BACKENDS = click.Choice(["auto", "dali", "torch"])
@@ -39,10 +50,11 @@ def _errors():
     from train.evaluation import EvaluationError
     from train.inference import InferenceError
     from train.models import ModelError, WeightsError
+    from train.onnx_runtime import OnnxError
     from train.predict import InputError
 
     return (ShardError, MappingError, DatasetError, CheckpointError, InputError, TrainingError,
-            InferenceError, ModelError, WeightsError, EvaluationError)
+            InferenceError, ModelError, WeightsError, EvaluationError, OnnxError)
 
 
 def friendly_errors(fn):
@@ -157,9 +169,14 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--data", required=True, type=click.Path(path_type=Path),
-              help="Shard folder from `cityprep preprocess`.")
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="Run directory.")
+@click.option("--data", type=click.Path(path_type=Path), default=None,
+              help="Shard folder from `cityprep preprocess` [a resumed run's own].")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Run directory (needed, unless --config names one).")
+@click.option("--config", "config_file", type=click.Path(path_type=Path), default=None,
+              help="Start from the settings in this JSON file: a run's config.json, or a "
+                   "small file such as {\"width\": 32, \"crop\": \"256x512\"}; options "
+                   "given on the command line override it.")
 @click.option("--train-split", default=DEFAULTS.train_split,
               help="Split(s) of --data to train on; '+' joins several (train+train_extra).")
 @click.option("--epochs", default=DEFAULTS.epochs, type=click.IntRange(1))
@@ -221,11 +238,21 @@ def main() -> None:
                    "across ranks); the GPU runs ahead in between.")
 @click.option("--time-limit", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Seconds; the LR schedule ends and training stops by then.")
+@click.option("--save-every", default=DEFAULTS.save_every, type=click.IntRange(0),
+              help="Steps between checkpoints within an epoch (OUT/checkpoints/last.pt, "
+                   "written in the background); 0: at epoch ends and on a signal only.")
 @click.option("--seed", default=DEFAULTS.seed, type=int)
-@click.option("--resume", is_flag=True, help="Continue from OUT/checkpoints/last.pt.")
+@click.option("--resume", is_flag=False, flag_value="yes", default=None,
+              type=click.Choice(["yes", "auto"]), metavar="[auto]",
+              help="Continue the run in OUT from checkpoints/last.pt, with its own settings "
+                   "(only --epochs, --time-limit, --data, --batch-size, --workers, --device, "
+                   "logging and --eval-* may be given). --resume auto: the same when OUT has "
+                   "a checkpoint, else start the run (what a relaunch after a failure wants).")
 @click.option("--init", type=click.Path(path_type=Path), default=None,
               help="Fine-tune: start from this checkpoint's model weights (new optimizer, "
-                   "schedule and epochs); same architecture and classes.")
+                   "schedule and epochs), and its architecture unless --width, --depth, "
+                   "--upsample or --losstype say otherwise; same classes unless --init-head "
+                   "reset.")
 @click.option("--init-head", default=DEFAULTS.init_head, type=click.Choice(["keep", "reset"]),
               help="With --init: keep the checkpoint's last layer, or start it afresh (for "
                    "a checkpoint of another class set).")
@@ -236,9 +263,7 @@ def main() -> None:
               help="Only that check, for LOCAL_WORLD_SIZE processes on this host; then exit.")
 @inference_options("eval-", max_windows=False)
 @friendly_errors
-def fit(compile_: bool, crop: str, scale: str, data: Path, out: Path, init: Path | None,
-        decoder: str | None, eval_mode: str, eval_window: str | None, eval_stride: str | None,
-        eval_scales: str, eval_flip: bool, **kwargs) -> None:
+def fit(config_file: Path | None, **options) -> None:
     """Train a U-Net; writes config, metrics, TensorBoard events, checkpoints, pictures.
 
     Every validation runs the plain model; the --eval-* options apply to the evaluation after
@@ -246,13 +271,42 @@ def fit(compile_: bool, crop: str, scale: str, data: Path, out: Path, init: Path
     """
     from train.fit import fit as run_fit
 
-    final = parse_inference(eval_mode, eval_window, eval_stride, eval_scales, eval_flip,
-                            prefix="eval-")
-    run_fit(Config(data=str(data), out=str(out), compile=compile_, crop=parse_size(crop),
-                   scale=_range(scale), init=str(init) if init else None,
-                   decoder=_widths(decoder), eval_mode=final.mode, eval_window=final.window,
-                   eval_stride=final.stride, eval_scales=final.scales, eval_flip=final.flip,
-                   **kwargs))
+    ctx = click.get_current_context()
+    typed = {name: value for name, value in options.items()
+             if ctx.get_parameter_source(name) is not ParameterSource.DEFAULT}
+    settings = read_config_file(config_file) if config_file else {}
+    settings.update(_fit_settings(typed))
+    if not settings.get("out"):
+        raise click.UsageError("--out RUN is needed: the run directory")
+    if set(settings) & set(EVAL_FIELDS):  # a bad combination is a usage error, now
+        from train.evaluation import final_inference
+        from train.inference import InferenceError
+
+        try:
+            final_inference(Config(**{k: v for k, v in settings.items() if k in EVAL_FIELDS}))
+        except InferenceError as e:
+            raise click.UsageError(str(e).replace("--", "--eval-")) from None
+    # the settings the user chose: a resumed run takes every other from its checkpoint
+    run_fit(Config(**settings), given=set(settings))
+
+
+def _fit_settings(typed: dict) -> dict:
+    """fit's options as typed -> Config fields and values."""
+    convert = {
+        "compile_": lambda v: ("compile", v),
+        "crop": lambda v: ("crop", parse_size(v)),
+        "scale": lambda v: ("scale", _range(v)),
+        "data": lambda v: ("data", str(v)),
+        "out": lambda v: ("out", str(v)),
+        "init": lambda v: ("init", str(v)),
+        "decoder": lambda v: ("decoder", _widths(v)),
+        "eval_window": lambda v: ("eval_window", parse_size(v)),
+        "eval_stride": lambda v: ("eval_stride", parse_size(v)),
+        "eval_scales": lambda v: ("eval_scales", _scales(v)),
+        "resume": lambda v: ("resume", "auto" if v == "auto" else True),
+    }
+    return dict(convert.get(name, lambda v, n=name: (n, v))(value)
+                for name, value in typed.items())
 
 
 @main.command()
@@ -315,11 +369,26 @@ def evaluate(checkpoint: Path, data: Path | None, split: str, out: Path | None,
 
 
 @main.command()
-@click.option("--checkpoint", required=True, type=click.Path(path_type=Path),
-              help="A checkpoint file, or a run directory: its checkpoints/best.pt.")
+@click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
+              help="A citytrain checkpoint, or a run directory: its checkpoints/best.pt (or "
+                   "--model).")
+@click.option("--model", "onnx_model", type=click.Path(path_type=Path), default=None,
+              help="An ONNX file of `citytrain export`, run by onnxruntime (its CUDA provider "
+                   "when there is one and --device allows).")
 @click.option("--input", "inputs", required=True, multiple=True, type=click.Path(path_type=Path),
-              help="Image files or folders (repeat the option for several).")
-@click.option("--out", required=True, type=click.Path(path_type=Path))
+              help="Image files or folders (repeat the option for several); with --video one "
+                   "frame sequence: a folder, a zip of frames or a video file.")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Folder for the masks and overlays.")
+@click.option("--video", type=click.Path(path_type=Path), default=None,
+              help="Write the sequence's predictions as this MP4 instead of PNGs.")
+@click.option("--every", default=1, type=click.IntRange(1),
+              help="With --video: predict every Nth frame (the frame rate divided by N).")
+@click.option("--layout", default="overlay", type=click.Choice(["overlay", "side-by-side"]),
+              help="With --video: the overlay, or image | prediction side by side.")
+@click.option("--fps", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="With --video: the frames' rate [a video's own; 17, the Cityscapes "
+                   "camera's, for PNG frames].")
 @click.option("--size", default=None, metavar="WxH|full",
               help="Resize to WxH for the model [the training shards' size]; 'full' = as is.")
 @click.option("--format", "format_", default="color",
@@ -329,14 +398,16 @@ def evaluate(checkpoint: Path, data: Path | None, split: str, out: Path | None,
                    "NAME_labelid.png, the official labelIds.")
 @inference_options()
 @click.option("--amp", default="off", type=AMPS,
-              help="Autocast the model to this precision.")
+              help="Autocast the model to this precision (a checkpoint only).")
 @click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]))
 @friendly_errors
-def predict(checkpoint: Path, inputs: tuple[Path, ...], out: Path, size: str | None,
-            format_: str, mode: str, window: str | None, stride: str | None, scales: str,
-            flip: bool, max_windows: int, amp: str, device: str) -> None:
-    """Colorized masks and overlays (or class id PNGs) for any images."""
-    from train.checkpoint import load_checkpoint, model_from_checkpoint, training_crop
+def predict(checkpoint: Path | None, onnx_model: Path | None, inputs: tuple[Path, ...],
+            out: Path | None, video: Path | None, every: int, layout: str, fps: float | None,
+            size: str | None, format_: str, mode: str, window: str | None, stride: str | None,
+            scales: str, flip: bool, max_windows: int, amp: str, device: str) -> None:
+    """Colorized masks and overlays (or class id PNGs) for any images, or a video of a frame
+    sequence."""
+    from train.checkpoint import training_crop
     from train.distributed import local_device
     from train.export import as_mapping
     from train.losses import build_loss
@@ -344,27 +415,86 @@ def predict(checkpoint: Path, inputs: tuple[Path, ...], out: Path, size: str | N
     from train.rundir import resolve_checkpoint
 
     inference = parse_inference(mode, window, stride, scales, flip, max_windows)
+    if (checkpoint is None) == (onnx_model is None):
+        raise click.UsageError("pass --checkpoint C or --model model.onnx, one of them")
+    if video is None and out is None:
+        raise click.UsageError("pass --out DIR for the PNGs, or --video out.mp4")
+    if video is not None and (out is not None or len(inputs) != 1):
+        raise click.UsageError("--video predicts one --input (a folder, zip or video file) "
+                               "and writes no PNGs: drop --out")
+    if video is None and (every != 1 or fps is not None):
+        raise click.UsageError("--every and --fps need --video")
     dev = local_device(device)
-    checkpoint = resolve_checkpoint(checkpoint)
-    state = load_checkpoint(checkpoint)
-    model = model_from_checkpoint(state, checkpoint, dev)
-    trained = sizes.from_file(state["size"])
+    if onnx_model is not None:
+        from train.onnx_runtime import OnnxModel
+
+        if amp != "off":
+            raise click.UsageError("--amp is for a checkpoint; an ONNX file runs as exported")
+        model = OnnxModel(onnx_model, device)
+        about, losstype, source = model.meta, model.losstype, onnx_model
+    else:
+        from train.checkpoint import load_checkpoint, model_from_checkpoint
+
+        checkpoint = resolve_checkpoint(checkpoint)
+        about = load_checkpoint(checkpoint)
+        model, losstype = model_from_checkpoint(about, checkpoint, dev), about["losstype"]
+        source = checkpoint
+    trained = sizes.from_file(about["size"])
     shape = trained if size is None else parse_size(size, order="WxH")
     if shape is not None:
         try:
             sizes.check_aspect("--size", shape, "WxH", trained,
-                               f"the shards {checkpoint} was trained on")
+                               f"the shards {source} was trained on")
         except ValueError as e:
             raise click.BadParameter(str(e), param_hint="--size") from None
-    inference = inference.for_model(shape, training_crop(state))
-    loss = build_loss(state["losstype"], palette=state["palette"]).to(dev)
-    mapping = as_mapping(state["mapping"]) if state.get("mapping") else None
-    written = predict_paths(model, list(inputs), out, mean=state["mean"], std=state["std"],
-                            loss=loss, device=dev, size=shape, inference=inference, amp=amp,
-                            format=format_, mapping=mapping)
+    inference = inference.for_model(shape, training_crop(about))
+    loss = build_loss(losstype, palette=about["palette"]).to(dev)
+    settings = dict(mean=about["mean"], std=about["std"], loss=loss, device=dev, size=shape,
+                    inference=inference, amp=amp)
+    if video is not None:
+        from train.video import predict_video
+
+        if format_ != "color":
+            raise click.UsageError("--format is for PNGs; a --video shows the colours")
+        done = predict_video(model, inputs[0], video, every=every, layout=layout, fps=fps,
+                             **settings)
+        click.echo(f"wrote {video}: {done['frames']} frames of {done['size'][0]}x"
+                   f"{done['size'][1]} (WxH) at {float(done['fps']):.4g} fps from "
+                   f"{done['source']}")
+        return
+    mapping = as_mapping(about["mapping"]) if about.get("mapping") else None
+    written = predict_paths(model, list(inputs), out, **settings, format=format_,
+                            mapping=mapping)
     what = "masks and overlays" if format_ == "color" else f"{format_} PNGs"
     n = len(written) // 2 if format_ == "color" else len(written)
     click.echo(f"wrote {n} {what} to {out}")
+
+
+@main.command()
+@click.option("--checkpoint", required=True, type=click.Path(path_type=Path))
+@click.option("--format", "format_", default="onnx", type=click.Choice(["onnx"]),
+              help="The file format.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="e.g. model.onnx")
+@click.option("--argmax", is_flag=True,
+              help="Output uint8 class ids (trainIds) per pixel instead of float logits.")
+@click.option("--check-size", default=None, metavar="WxH",
+              help="Image size of the parity check [the checkpoint's training size]; an odd "
+                   "size near it is checked too.")
+@click.option("--atol", default=1e-3, type=click.FloatRange(min=0),
+              help="Largest absolute logit difference to PyTorch that passes.")
+@click.option("--min-identical", default=0.9999, type=click.FloatRange(0, 1),
+              help="Smallest share of pixels of the same class as PyTorch's that passes.")
+@friendly_errors
+def export(checkpoint: Path, format_: str, out: Path, argmax: bool, check_size: str | None,
+           atol: float, min_identical: float) -> None:
+    """A checkpoint's model as an ONNX file: uint8 RGB NHWC in (any batch and size,
+    normalization inside), logits or class ids out, classes/palette/mapping in its metadata;
+    written only after onnxruntime matches PyTorch on a few images."""
+    from train.onnx_export import export_onnx
+
+    export_onnx(checkpoint, out, argmax=argmax, size=parse_size(check_size, order="WxH"),
+                atol=atol, min_identical=min_identical, echo=click.echo)
+    click.echo(f"wrote {out}")
 
 
 @main.command()
@@ -496,8 +626,12 @@ def gpu_report(out: Path, budget: float) -> None:
 
 
 @main.command("bench-inference")
-@click.option("--size", default="2048x1024", metavar="WxH",
-              help="The synthetic image's size WxH (an image size, as --size everywhere).")
+@click.option("--size", default=None, metavar="WxH",
+              help="The synthetic image's size WxH, an image size as --size everywhere "
+                   "[2048x1024; with --onnx 1024x512 and 2048x1024].")
+@click.option("--onnx", is_flag=True,
+              help="Instead: onnxruntime against PyTorch on the whole image, the same exported "
+                   "model (uint8 in, logits out).")
 @click.option("--encoder", default=DEFAULTS.encoder, help="The model (random weights: speed "
               "only).")
 @click.option("--width", default=16, type=click.IntRange(1), help="plain: U-Net width.")
@@ -518,18 +652,96 @@ def gpu_report(out: Path, budget: float) -> None:
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None,
               help="Also write the figures here.")
 @friendly_errors
-def bench_inference(size: str, window: str, stride: str | None, scales: str,
-                    json_out: Path | None, **kwargs) -> None:
-    """Images/s of whole, slide, and slide + flip + scales inference on one image."""
-    from train.bench import format_inference_report, run_inference_bench
+def bench_inference(size: str | None, onnx: bool, window: str, stride: str | None,
+                    scales: str, json_out: Path | None, **kwargs) -> None:
+    """Images/s of whole, slide, and slide + flip + scales inference on one image; with
+    --onnx, of onnxruntime and PyTorch."""
+    if onnx:
+        from train.onnx_bench import SIZES, format_runtime_report, run_runtime_bench
 
-    report = run_inference_bench(size=parse_size(size, order="WxH"), window=parse_size(window),
-                                 stride=parse_size(stride) if stride else None,
-                                 scales=_scales(scales), **kwargs)
-    click.echo(format_inference_report(report))
+        report = run_runtime_bench(sizes=(parse_size(size, order="WxH"),) if size else SIZES,
+                                   **{k: kwargs[k] for k in ("encoder", "width", "depth",
+                                                             "images", "warmup", "device")})
+        click.echo(format_runtime_report(report))
+    else:
+        from train.bench import format_inference_report, run_inference_bench
+
+        report = run_inference_bench(size=parse_size(size or "2048x1024", order="WxH"),
+                                     window=parse_size(window),
+                                     stride=parse_size(stride) if stride else None,
+                                     scales=_scales(scales), **kwargs)
+        click.echo(format_inference_report(report))
     if json_out is not None:
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(report, indent=1) + "\n")
+
+
+@main.command("bench-checkpoint")
+@click.option("--encoder", default=DEFAULTS.encoder, help="The model whose checkpoint is saved.")
+@click.option("--width", default=64, type=click.IntRange(1), help="plain: its width.")
+@click.option("--depth", default=4, type=click.IntRange(1), help="plain: its depth.")
+@click.option("--crop", default="512x1024", help="HxW of the synthetic batch.")
+@click.option("--batch-size", default=8, type=click.IntRange(1))
+@click.option("--amp", default="bf16", type=AMPS)
+@click.option("--optimizer", default="sgd", type=click.Choice(["sgd", "adamw"]),
+              help="Its state is saved too (AdamW's is twice SGD's).")
+@click.option("--every", default=",".join(map(str, (50, 100, 200, 500, 1000))),
+              help="The --save-every values to figure the share of time for.")
+@click.option("--saves", default=3, type=click.IntRange(1), help="Saves timed (median).")
+@click.option("--dir", "folder", default=None, type=click.Path(path_type=Path),
+              help="Where to write them: the file system the run will use [the temp dir].")
+@click.option("--step-seconds", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Seconds per training step to figure against [measured here].")
+@click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--json", "json_out", type=click.Path(path_type=Path), default=None,
+              help="Also write the figures here.")
+@friendly_errors
+def bench_checkpoint(crop: str, every: str, json_out: Path | None, **kwargs) -> None:
+    """What a checkpoint save costs the training loop, at each --save-every."""
+    from train.bench_recovery import format_checkpoint_report, run_checkpoint_bench
+
+    try:
+        steps = tuple(int(v) for v in every.split(","))
+    except ValueError:
+        raise click.BadParameter(f"expected steps like 100,500, got {every!r}",
+                                 param_hint="--every") from None
+    report = run_checkpoint_bench(crop=parse_size(crop), every=steps, **kwargs)
+    click.echo(format_checkpoint_report(report))
+    _write_json(json_out, report)
+
+
+@main.command("bench-restart")
+@click.option("--out", default=Path("runs/bench-restart"), type=click.Path(path_type=Path),
+              help="Folder for the shards and the three runs.")
+@click.option("--nproc", default=2, type=click.IntRange(2), help="CPU processes (gloo).")
+@click.option("--width", default=16, type=click.IntRange(1))
+@click.option("--size", default="128x256", help="HxW of the synthetic frames (trained whole).")
+@click.option("--batch-size", default=2, type=click.IntRange(1), help="Per process.")
+@click.option("--steps-per-epoch", default=20, type=click.IntRange(2))
+@click.option("--kill-at", default=0.75, type=click.FloatRange(0, 1, max_open=True),
+              help="How far into epoch 2 rank 1 is SIGKILLed.")
+@click.option("--save-every", default=5, type=click.IntRange(1),
+              help="Step checkpoints of the run that has them.")
+@click.option("--json", "json_out", type=click.Path(path_type=Path), default=None,
+              help="Also write the figures here.")
+@friendly_errors
+def bench_restart(out: Path, size: str, json_out: Path | None, **kwargs) -> None:
+    """Time one SIGKILLed rank costs a run under torchrun, with and without step
+    checkpoints: three runs of 2 epochs on CPU processes (a few minutes)."""
+    import shutil
+
+    from train.bench_recovery import format_restart_report, run_restart_bench
+
+    shutil.rmtree(out, ignore_errors=True)  # the runs must start afresh
+    report = run_restart_bench(out, size=parse_size(size), **kwargs)
+    click.echo(format_restart_report(report))
+    _write_json(json_out, report)
+
+
+def _write_json(path: Path | None, report: dict) -> None:
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=1) + "\n")
 
 
 @main.command("compare-official")

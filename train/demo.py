@@ -7,8 +7,10 @@
 3. citytrain fit on the CPU within a time budget          (OUT: metrics.csv, checkpoints, ...)
 4. citytrain evaluate on the val split at full resolution (OUT/eval-val-last-full-whole/)
 5. citytrain predict on the val images                    (OUT/predict/CITY/*_overlay.png)
+6. citytrain export to ONNX, checked against PyTorch      (OUT/model.onnx)
+7. citytrain predict --video of a synthetic drive with it  (OUT/drive.mp4, 2 s at 17 fps)
 
-Steps 3-5 run the `citytrain` commands themselves, printed as a user would type them. A rerun
+Steps 3-7 run the `citytrain` commands themselves, printed as a user would type them. A rerun
 reuses the city and the shards and starts the training afresh.
 """
 
@@ -50,7 +52,9 @@ def cpu_amp() -> str:
     return "bf16" if "avx512_bf16" in flags or "amx_bf16" in flags else "off"
 
 
-RUN_FILES = ("checkpoints", "predictions", "eval-val", "predict", "metrics.csv", "config.json")
+RUN_FILES = ("checkpoints", "predictions", "eval-val", "predict", "metrics.csv", "config.json",
+             "model.onnx", "drive.mp4")
+DRIVE_FRAMES = 34  # 2 s at the Cityscapes camera's 17 frames a second
 
 
 def citytrain(*args: str) -> None:
@@ -87,9 +91,9 @@ def clear_previous_run(out: Path) -> None:
 def main(out: Path, minutes: float, seed: int) -> None:
     """Synthesize, preprocess, train, evaluate and predict; prints the mIoU reached."""
     from pipeline.preprocess import preprocess
-    from pipeline.synth import synthesize
+    from pipeline.synth import synthesize, synthesize_sequence
 
-    city, shards = out / "data" / "city", out / "data" / "shards"
+    city, shards, drive = out / "data" / "city", out / "data" / "shards", out / "data" / "drive"
     start = time.perf_counter()
     done = city / "SYNTH_DONE"
     if not done.is_file():
@@ -98,6 +102,11 @@ def main(out: Path, minutes: float, seed: int) -> None:
         shutil.rmtree(city, ignore_errors=True)
         synthesize(city, train=TRAIN, val=VAL, size=SOURCE_SIZE, seed=seed)
         done.write_text("ok\n")
+    if not (drive / "SYNTH_DONE").is_file():
+        print(f"synthesizing a drive of {DRIVE_FRAMES} frames into {drive}", flush=True)
+        shutil.rmtree(drive, ignore_errors=True)
+        synthesize_sequence(drive, frames=DRIVE_FRAMES, size=SOURCE_SIZE, seed=seed)
+        (drive / "SYNTH_DONE").write_text("ok\n")
     print(f"preprocessing into {shards} at {sizes.text(SHARD_SIZE, 'WxH')}", flush=True)
     preprocess(city, shards, splits=("train", "val"), size=SHARD_SIZE, mapping="trainid",
                shard_size=20, workers=2, progress=True)
@@ -112,6 +121,10 @@ def main(out: Path, minutes: float, seed: int) -> None:
               "--device", "cpu")  # the originals, with their instance ids: all four scores
     citytrain("predict", "--checkpoint", str(best), "--input", str(city / "leftImg8bit" / "val"),
               "--out", str(out / "predict"), "--device", "cpu")
+    citytrain("export", "--checkpoint", str(best), "--format", "onnx", "--out",
+              str(out / "model.onnx"))
+    citytrain("predict", "--model", str(out / "model.onnx"), "--input", str(drive), "--video",
+              str(out / "drive.mp4"), "--device", "cpu")
 
     evaluated = out / "eval-val-last-full-whole"
     metrics = json.loads((evaluated / "metrics.json").read_text())
@@ -126,6 +139,8 @@ def main(out: Path, minutes: float, seed: int) -> None:
         print(f"  pictures:     {grids[-1]} (image | ground truth | prediction)")
     print(f"  predictions:  {out / 'predict'} (a folder per city: */*_mask.png, "
           "*/*_overlay.png)")
+    onnx = out / "model.onnx"
+    print(f"  video:        {out / 'drive.mp4'} (a synthetic drive, {onnx} in onnxruntime)")
     print(f"  TensorBoard:  tensorboard --logdir {out}")
 
 

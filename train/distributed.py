@@ -1,7 +1,8 @@
 """One process or many: torchrun's environment -> rank, world size, device, process group.
 
-`torchrun --nproc_per_node=N -m train.cli fit ...` sets RANK, WORLD_SIZE and LOCAL_RANK; without
-them this is a single process and nothing is initialised. NCCL on CUDA, gloo on the CPU, so the
+`torchrun --nproc_per_node=N -m train.cli fit ...` sets RANK, WORLD_SIZE and LOCAL_RANK (and
+TORCHELASTIC_RESTART_COUNT after it restarted a failed group); without them this is a single
+process and nothing is initialised. NCCL on CUDA, gloo on the CPU, so the
 same code path runs in the tests as one (or two) CPU processes.
 """
 
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.constants import default_pg_timeout
 
 
 @dataclass(frozen=True)
@@ -22,6 +24,8 @@ class Dist:
     local_rank: int
     device: torch.device
     local_world_size: int = 1
+    restart_count: int = 0  # torchrun's restarts of the group so far (--max-restarts)
+    max_restarts: int = 0
 
     @property
     def is_main(self) -> bool:
@@ -71,12 +75,31 @@ def setup(device: str | torch.device = "auto") -> Dist:
     dev = local_device(device, local_rank)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
+    restart_count = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
         kwargs = {"device_id": dev} if dev.type == "cuda" else {}
-        dist.init_process_group(backend=backend, rank=rank, world_size=world_size, **kwargs)
+        dist.init_process_group(backend=backend, rank=rank, world_size=world_size,
+                                store=_attempt_store(world_size, restart_count), **kwargs)
     return Dist(rank=rank, world_size=world_size, local_rank=local_rank, device=dev,
-                local_world_size=local_world_size)
+                local_world_size=local_world_size, restart_count=restart_count,
+                max_restarts=int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", 0)))
+
+
+def _attempt_store(world_size: int, restart_count: int) -> dist.Store | None:
+    """The store a group of this torchrun attempt meets in (None: torch's env:// default).
+
+    torchrun's agent serves one store for all the group's restarts (TCPStore sharing, its
+    default), and torch opens it without a prefix per attempt: after a restart the failed
+    attempt's keys are still there, and a rank of the new group reads a dead rank's address
+    from them (gloo: "connection refused"; NCCL: the old unique id). Each attempt gets its
+    own prefix, so a restarted group meets only itself.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None  # rank 0 serves a new store for each attempt
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                          world_size, is_master=False, timeout=default_pg_timeout)
+    return dist.PrefixStore(f"cityseg/attempt_{restart_count}", store)
 
 
 def cleanup() -> None:

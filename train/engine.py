@@ -157,6 +157,10 @@ def train_step(model: nn.Module, batch: dict, criterion: nn.Module,
 class Stopper:
     """SIGTERM/SIGINT ask the run to stop after the current step (a second SIGINT kills it).
 
+    Another SIGTERM changes nothing: a scheduler and a launcher both send one (SLURM signals
+    every process of the job step, and torchrun passes its own on to its workers), and the
+    second must not kill the run in the middle of the save the first one asked for.
+
     With `announce` (rank 0) the first signal is acknowledged at once on stderr: a CPU step
     can take minutes, and a run that seems to ignore its signal gets killed outright.
     """
@@ -171,8 +175,9 @@ class Stopper:
             # os.write: safe in a handler, even while tqdm holds its lock mid-line
             os.write(2, f"\n{signal.Signals(signum).name}: stopping after the step in "
                         f"progress, then saving the checkpoint{again}\n".encode())
-        self.signum = signum
-        signal.signal(signum, self._previous[signum])
+        self.signum = self.signum or signum
+        if signum == signal.SIGINT:
+            signal.signal(signum, self._previous[signum])
 
     @contextmanager
     def installed(self):
@@ -323,11 +328,15 @@ class StepLog:
 def train_one_epoch(model: nn.Module, loader, criterion: nn.Module,
                     optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, *,
                     cfg: Config, dist: distributed.Dist, state: RunState, stopper: Stopper,
-                    writer=None) -> EpochEnd:
+                    writer=None, save: Callable[[], None] | None = None) -> EpochEnd:
     """One pass over `loader` (or what is left of it); `state` moves on with every sync.
 
     Decisions (stop on a signal, stop when time is up) are taken only right after a sync, from
     values every rank shares; one process alone syncs as soon as it has a reason to stop.
+    Every `cfg.save_every` steps every rank syncs and then `save` (rank 0's) writes a step
+    checkpoint: the state right after that step, sums of the epoch so far included, so that
+    a run resumed from it replays the same batches. Not at an epoch's last step or when
+    stopping: those are saved by the caller.
     """
     model.train()
     lr0 = cfg.resolved_lr()
@@ -389,8 +398,13 @@ def train_one_epoch(model: nn.Module, loader, criterion: nn.Module,
             window.add(loss, lr, batch["label"].shape[0] * dist.world_size, waited)
             reason_to_stop = solo and (stopper.signum is not None or (
                 cfg.time_limit is not None and window.local_elapsed() >= cfg.time_limit))
-            if len(window) >= cfg.log_every or done == len(loader) or reason_to_stop:
+            # every rank knows when a step checkpoint is due, and syncs for it
+            due = cfg.save_every > 0 and state.step % cfg.save_every == 0
+            if len(window) >= cfg.log_every or done == len(loader) or reason_to_stop or due:
                 sync()
+                if due and save is not None and done < len(loader) and not state.stop \
+                        and not state.time_up(cfg):
+                    save()
     finally:
         log.close()
 

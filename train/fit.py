@@ -1,10 +1,11 @@
 """`fit`: wires the loader, model, loss, optimizer, checkpoints and run directory together.
 
-Read top to bottom: check the run directory, build the model (train/models), both loaders
-(normalised as the model's weights expect), loss and optimizer, resume if asked, then the
-epoch loop: train, evaluate, log, checkpoint, stop on a signal or when time runs out; last,
-the final evaluation into OUT/eval-val (train/evaluation.py). The per-step and per-epoch
-machinery lives in `train/engine.py`.
+Read top to bottom: the settings (a resumed run's from its checkpoint, `--init`'s
+architecture from its checkpoint), the model (train/models), both loaders (normalised as the
+model's weights expect), loss and optimizer, resume if asked, then the epoch loop: train
+(with a step checkpoint every --save-every steps), evaluate, log, checkpoint, stop on a
+signal or when time runs out; last, the final evaluation into OUT/eval-val
+(train/evaluation.py). The per-step and per-epoch machinery lives in `train/engine.py`.
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ from __future__ import annotations
 import random
 import signal
 import time
+from collections.abc import Iterable
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -23,19 +25,21 @@ from tqdm import tqdm
 
 from pipeline import sizes
 from pipeline.loader import build_loader
-from pipeline.shards import MANIFEST_NAME, load_manifest
+from pipeline.shards import MANIFEST_NAME, load_manifest, sweep_temporaries
 from train import distributed, evaluation, preflight
 from train.checkpoint import (
+    CheckpointWriter,
     check_arch,
     check_classes,
+    check_data,
     init_from_checkpoint,
     load_checkpoint,
     load_model_weights,
     normalization_of,
     rng_state,
-    save_checkpoint,
     set_rng_state,
 )
+from train.config import RESUME_MODES, effective, resumed, with_arch
 from train.engine import (
     AMP_DTYPES,
     Config,
@@ -63,46 +67,85 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def fit(cfg: Config) -> dict:
-    """Train to `cfg`, writing the run directory; returns the last epoch's metrics row."""
+def fit(cfg: Config, given: Iterable[str] | None = None) -> dict:
+    """Train to `cfg`, writing the run directory; returns the last epoch's metrics row.
+
+    `given` names the settings the user chose (the CLI: those typed or read from --config;
+    None: every field of `cfg`). A resumed run takes all others from its checkpoint, and
+    `--init` the architecture from its checkpoint.
+    """
+    given = {f.name for f in fields(Config)} if given is None else set(given)
+    last_path = Path(cfg.out) / "checkpoints" / "last.pt"
+    cfg, saved, taken = settings(cfg, given, last_path)  # a resumed run's device too
     dist = distributed.setup(cfg.device)
     try:
-        return _fit(cfg, dist)
+        if taken and dist.is_main and not cfg.preflight_only:
+            tqdm.write(f"--init {cfg.init}: its architecture, "
+                       + ", ".join(f"{k} {v}" for k, v in taken.items() if v is not None))
+        return _fit(cfg, dist, saved)
     finally:
         distributed.cleanup()
 
 
-def _fit(cfg: Config, dist: distributed.Dist) -> dict:
+def settings(cfg: Config, given: set[str], last_path: Path) -> tuple[Config, dict | None, dict]:
+    """The effective settings of this session, the checkpoint it resumes (None: a new run)
+    and what `--init` took from its checkpoint. Every rank decides the same: the files are
+    read before any rank can write one (that needs all of them, in DDP)."""
+    out = last_path.parents[1]
+    if cfg.resume not in RESUME_MODES:
+        raise ValueError(f"resume must be one of {RESUME_MODES}, not {cfg.resume!r}")
+    if cfg.init and cfg.resume is True:
+        raise TrainingError(f"--init and --resume together: --init starts a new run from a "
+                            f"checkpoint's weights, --resume continues the run in {out} from "
+                            f"its own {last_path.name}; pass one of them (--resume auto "
+                            "takes both: the run's own checkpoint once it has one)")
+    if cfg.resume is True and not last_path.is_file():
+        raise TrainingError(f"{last_path}: no checkpoint to resume from (--resume auto starts "
+                            "the run when there is none)")
+    if not cfg.resume and last_path.is_file():
+        raise TrainingError(f"{out} already holds a run ({last_path}); pass --resume to "
+                            "continue it, or choose another --out")
+    if cfg.resume and last_path.is_file():
+        saved = load_checkpoint(last_path)
+        cfg = effective(resumed(saved.get("config") or asdict(cfg), cfg, given, last_path))
+        if "data" not in given and not Path(cfg.data).is_dir():
+            raise TrainingError(f"{cfg.data}: the run's shards are not there; pass --data "
+                                "where they are now (the same shards: they are checked)")
+        return cfg, saved, {}
+    taken = {}
+    if cfg.init:
+        cfg, taken = with_arch(load_checkpoint(Path(cfg.init)).get("config"), cfg, given)
+    if not cfg.data:
+        raise TrainingError(f"--data: no shard folder given, and {out} holds no run to "
+                            "resume; pass --data (from `cityprep preprocess --out`)")
+    return effective(cfg), None, taken
+
+
+def _fit(cfg: Config, dist: distributed.Dist, saved: dict | None = None) -> dict:
+    """Train the run `settings` prepared; `saved` is the checkpoint it resumes, or None."""
     if cfg.amp not in AMP_DTYPES:
         raise ValueError(f"amp must be one of {', '.join(AMP_DTYPES)}, not {cfg.amp!r}")
     out = Path(cfg.out)
     last_path, best_path = out / "checkpoints" / "last.pt", out / "checkpoints" / "best.pt"
-    if cfg.init and cfg.resume:
-        raise TrainingError(f"--init and --resume together: --init starts a new run from a "
-                            f"checkpoint's weights, --resume continues the run in {out} from "
-                            f"its own {last_path.name}; pass one of them")
-    if cfg.resume and not last_path.is_file():
-        raise TrainingError(f"{last_path}: no checkpoint to resume from")
-    if not cfg.resume and last_path.is_file():
-        raise TrainingError(f"{out} already holds a run ({last_path}); pass --resume to "
-                            "continue it, or choose another --out")
     if cfg.compile and dist.distributed and cfg.sync_bn:
         raise TrainingError(
             "--compile with several processes needs --no-sync-bn: SyncBatchNorm all-reduces "
             "inside every BatchNorm layer, which breaks the compiled graph at each one (and "
             "has crashed torch.compile upstream); train with --no-sync-bn (BatchNorm per "
             "process, fine at 8 or more images per GPU) or without --compile")
-    final_inference = evaluation.final_inference(cfg)  # a bad setting fails now, not at the end
+    try:  # a bad setting fails now, not at the end
+        final_inference = evaluation.final_inference(cfg)
+    except ValueError as e:  # the combination may come from the run's config
+        raise TrainingError(str(e).replace("--", "--eval-")) from None
     seed_everything(cfg.seed)
     speed = cuda_speed_settings(dist.device, tf32=cfg.tf32)
 
     # model: its weights from a checkpoint (resume, --init) or its own (pretrained or fresh)
     manifest = load_manifest(Path(cfg.data))
     final_inference = _against_shards(cfg, manifest, final_inference)
-    saved = load_checkpoint(last_path) if cfg.resume else None
     try:
         model = model_from_config(cfg, output_channels(cfg.losstype, len(manifest["classes"])),
-                                  pretrained=not (cfg.resume or cfg.init))
+                                  pretrained=saved is None and not cfg.init)
     except ModelError as e:
         raise TrainingError(str(e)) from None
     arch = dict(model.config)
@@ -113,7 +156,9 @@ def _fit(cfg: Config, dist: distributed.Dist) -> dict:
             tqdm.write(_finished_text(out, saved["epoch"], cfg))
         return dict(saved.get("metrics") or {})
     init = None
-    if cfg.init:  # before SyncBatchNorm and DDP: every rank loads the same weights
+    if cfg.init and saved is not None:  # the run's own weights follow; --init is its past
+        init = RunDir.recorded(out, "init")
+    elif cfg.init:  # before SyncBatchNorm and DDP: every rank loads the same weights
         init = init_from_checkpoint(model, Path(cfg.init), classes=list(manifest["classes"]),
                                     losstype=cfg.losstype, data=cfg.data, head=cfg.init_head)
     # the images as the weights saw them: the checkpoint's, the pretrained weights' mean/std,
@@ -144,7 +189,7 @@ def _fit(cfg: Config, dist: distributed.Dist) -> dict:
     classes, categories = list(train_loader.classes), list(manifest["categories"])
     palette = np.asarray(train_loader.palette, dtype=np.uint8)
     memory = None
-    if cfg.preflight:  # stop now, with a message, rather than in the OOM killer
+    if cfg.preflight or cfg.preflight_only:  # stop now, with a message, not in the OOM killer
         with torch.random.fork_rng(devices=[dist.device] if dist.device.type == "cuda" else []):
             memory = preflight.check_fits(cfg, dist, len(classes), train_loader.aug.crop,
                                           train_loader.workers, train_loader.backend)
@@ -166,10 +211,19 @@ def _fit(cfg: Config, dist: distributed.Dist) -> dict:
                            class_weights=weights).to(dist.device)
     optimizer = build_optimizer(model, cfg)
     scaler = torch.amp.GradScaler(dist.device.type, enabled=cfg.amp == "fp16")
+    # what a checkpoint says of the model and data: the same all run long
+    about = {"arch": arch, "classes": classes, "categories": categories,
+             "palette": palette.tolist(), "mean": mean, "std": std,
+             "normalization": norm["normalization"], "shards_mean": list(manifest["mean"]),
+             "shards_std": list(manifest["std"]), "losstype": cfg.losstype,
+             "ignore_index": int(train_loader.ignore_index),
+             "size": sizes.to_file(sizes.from_file(manifest["config"]["size"])),
+             "mapping": manifest["config"].get("mapping_def")}
     state = RunState(total_steps=cfg.epochs * len(train_loader))
     if saved is not None:
         check_arch(saved, arch, last_path)
         check_classes(saved, classes, last_path, cfg.data)
+        check_data(saved, about, last_path, cfg.data)
         load_model_weights(model, saved, last_path)
         load_optimizer_state(optimizer, saved["optimizer"])
         scaler.load_state_dict(saved["scaler"])
@@ -179,7 +233,7 @@ def _fit(cfg: Config, dist: distributed.Dist) -> dict:
         _resume_loader(train_loader, saved["loader"], state, last_path)
         if dist.is_main:
             tqdm.write(f"resuming {last_path} at step {state.step}: "
-                       + _where(state, cfg, train_loader))
+                       + _where(state, cfg, train_loader) + _restarts(dist))
 
     train_model = model
     if dist.distributed:
@@ -189,8 +243,12 @@ def _fit(cfg: Config, dist: distributed.Dist) -> dict:
     if cfg.compile:  # DDP first, then compile: the order torch.compile's DDP support expects
         train_model, eval_model = torch.compile(train_model), torch.compile(model)
 
-    rundir = RunDir(out, enabled=dist.is_main, resume_epoch=state.epoch if cfg.resume else None,
-                    resume_step=state.step if cfg.resume else None, palette=palette)
+    if dist.is_main and (out / "checkpoints").is_dir():
+        sweep_temporaries(out / "checkpoints")  # what a killed save left behind
+    # a new run in a folder where one never got to its first checkpoint starts clean
+    rundir = RunDir(out, enabled=dist.is_main,
+                    resume_epoch=state.epoch if saved is not None else None,
+                    resume_step=state.step, palette=palette)
     rundir.write_config({
         "config": asdict(cfg), "world_size": dist.world_size, "device": str(dist.device),
         "cuda_settings": speed, "preflight": memory,
@@ -201,15 +259,14 @@ def _fit(cfg: Config, dist: distributed.Dist) -> dict:
         "steps_per_epoch": len(train_loader), "resumed_from_step": state.step or None,
         "init": init,
     })
-    # what a checkpoint says of the model and data: the same all run long
-    about = {"arch": arch, "classes": classes, "categories": categories,
-             "palette": palette.tolist(), "mean": mean, "std": std,
-             "normalization": norm["normalization"], "losstype": cfg.losstype,
-             "ignore_index": int(train_loader.ignore_index),
-             "size": sizes.to_file(sizes.from_file(manifest["config"]["size"])),
-             "mapping": manifest["config"].get("mapping_def")}
     parts = Parts(model, optimizer, scaler, train_loader, about)
     rundir.set_status("running", None, state, cfg.epochs)
+    writer = CheckpointWriter()
+
+    def save_step() -> None:  # rank 0, every --save-every steps (train/engine.py)
+        held = writer.save(parts.checkpoint(state, cfg, dist, None), last_path)
+        rundir.writer.add_scalar("checkpoint/held_seconds", held, state.step)
+        rundir.writer.add_scalar("checkpoint/write_seconds", writer.write_seconds, state.step)
 
     row: dict = {}
     loaders = [x for x in (train_loader, val_loader) if x is not None]
@@ -221,10 +278,12 @@ def _fit(cfg: Config, dist: distributed.Dist) -> dict:
             for epoch in range(state.epoch, cfg.epochs):
                 end = train_one_epoch(train_model, train_loader, criterion, optimizer, scaler,
                                       cfg=cfg, dist=dist, state=state, stopper=stopper,
-                                      writer=rundir.writer)
+                                      writer=rundir.writer,
+                                      save=save_step if dist.is_main else None)
                 if end is EpochEnd.SIGNAL:
                     if dist.is_main:
-                        save_checkpoint(last_path, parts.checkpoint(state, cfg, dist, None))
+                        writer.save(parts.checkpoint(state, cfg, dist, None), last_path,
+                                    wait=True)
                     outcome = ("stopped", _signal_name(stopper.signum))
                     raise Interrupted(_stopped_text(stopper.signum, state, cfg, train_loader,
                                                     last_path), stopper.signum or signal.SIGTERM)
@@ -254,10 +313,10 @@ def _fit(cfg: Config, dist: distributed.Dist) -> dict:
                     state.epoch, state.epoch_sums = epoch + 1, EpochState()
                 if dist.is_main:
                     rundir.log_epoch(row, scores)
-                    checkpoint = parts.checkpoint(state, cfg, dist, row)
-                    save_checkpoint(last_path, checkpoint)
-                    if is_best:
-                        save_checkpoint(best_path, checkpoint)
+                    # best.pt first: killed between the two, the epoch is redone from the
+                    # previous last.pt and best.pt written again, rather than never
+                    paths = (best_path, last_path) if is_best else (last_path,)
+                    writer.save(parts.checkpoint(state, cfg, dist, row), *paths)
                     tqdm.write(_summary(row, cfg.epochs))
                     rundir.set_status("running", None, state, cfg.epochs)
                 # a signal during the epoch's last step or its validation: stop here, on
@@ -287,10 +346,13 @@ def _fit(cfg: Config, dist: distributed.Dist) -> dict:
             outcome = ("stopped", _failure(e))
         raise
     finally:
-        rundir.set_status(*outcome, state, cfg.epochs)
-        for loader in loaders:
-            loader.close()
-        rundir.close()
+        try:
+            writer.close()  # the last checkpoint is on disk before fit returns or raises
+        finally:
+            rundir.set_status(*outcome, state, cfg.epochs)
+            for loader in loaders:
+                loader.close()
+            rundir.close()
     return row
 
 
@@ -361,6 +423,13 @@ def _resume_loader(loader, position: dict, state: RunState, path: Path) -> None:
                    f"({loader.num_samples // saved} steps per epoch), this run's is "
                    f"{loader.global_batch} ({len(loader)} steps per epoch); continuing at "
                    f"step {state.step}")
+
+
+def _restarts(dist: distributed.Dist) -> str:
+    """How often torchrun has restarted this group, for the log (README: restarts)."""
+    if not dist.restart_count:
+        return ""
+    return f" (torchrun restart {dist.restart_count} of at most {dist.max_restarts})"
 
 
 def _failure(e: BaseException) -> str:

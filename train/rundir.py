@@ -149,6 +149,14 @@ class RunDir:
 
         self.writer = SummaryWriter(log_dir=str(self.out), purge_step=resume_step)
 
+    @staticmethod
+    def recorded(out: Path, key: str):
+        """`key` of the config.json a run's earlier session wrote (None if unreadable)."""
+        try:
+            return json.loads((Path(out) / "config.json").read_text()).get(key)
+        except (OSError, ValueError, AttributeError):
+            return None
+
     def write_config(self, config: dict) -> None:
         if self.enabled:
             config = {**named_sizes(config), "versions": versions(), "command": sys.argv}

@@ -95,9 +95,10 @@ class UNet(nn.Module):
         h, w = x.shape[-2:]
         m = 2**self.depth
         pad_h, pad_w = -h % m, -w % m
-        if pad_h or pad_w:
-            # Inputs are normalized, so zero is the mean colour: the least surprising filler.
-            x = F.pad(x, (0, pad_w, 0, pad_h))
+        # Inputs are normalized, so zero is the mean colour: the least surprising filler.
+        # Padded even by zero: a branch on the size would be traced as one fixed answer by
+        # torch.export, and the ONNX graph (train/onnx_export.py) serves every size.
+        x = F.pad(x, (0, pad_w, 0, pad_h))
         x = self.inc(x)
         skips = [x]
         for down in self.downs:

@@ -75,7 +75,7 @@ class EncoderUNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
         m = self.size_multiple
-        pad_h, pad_w = -h % m, -w % m
-        if pad_h or pad_w:  # zero is the mean colour of normalized inputs
-            x = F.pad(x, (0, pad_w, 0, pad_h))
+        # always, if by zero: a branch on the size would be frozen into an exported graph;
+        # zero is the mean colour of normalized inputs
+        x = F.pad(x, (0, -w % m, 0, -h % m))
         return self.head(self.decoder(self.encoder(x)))[..., :h, :w]
