@@ -42,7 +42,7 @@ def ensure_city(root: Path, frames: int, val: int) -> Path:
     from pipeline.synth import synthesize
 
     marker = root / "bench-city.json"
-    want = {"train": frames, "val": val, "size": list(sizes.wh(SOURCE_SIZE)), "seed": 0}
+    want = {"train": frames, "val": val, "size": sizes.to_file(SOURCE_SIZE), "seed": 0}
     if marker.is_file() and json.loads(marker.read_text()) == want:
         return root
     shutil.rmtree(root, ignore_errors=True)

@@ -124,6 +124,32 @@ def _download_again(archive: Path) -> str:
 # -- discovery ---------------------------------------------------------------------------------
 
 
+def tree_parts(root: Path) -> list[str]:
+    """What of a Cityscapes tree `root` holds ('leftImg8bit/', 'gtFine_trainvaltest.zip', ...),
+    by name only: empty for any other folder. For messages that tell a tree from shards."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    downloads = sorted(set(OFFICIAL.values()))
+    return ([f"{top}/" for top in archives.TOPS if (root / top).is_dir()]
+            + [name for name in downloads if (root / name).is_file()])
+
+
+def check_root(root: Path) -> None:
+    """`root` must be a folder, and not a shard folder given where the originals belong."""
+    from pipeline.shards import MANIFEST_NAME  # (shards.py imports this module)
+
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"{root}: no such folder (expected a Cityscapes tree or the "
+                           "official zips)")
+    if (root / MANIFEST_NAME).is_file() and not tree_parts(root):
+        raise DatasetError(
+            f"{root}: holds shards ({MANIFEST_NAME} from `cityprep preprocess`), not the "
+            f"Cityscapes originals: shards go to citytrain as --data {root}; --datadir takes "
+            f"the tree with {IMAGE_DIR}/ and gtFine/ (or the official zips)")
+
+
 def _open_archives(root: Path) -> tuple[list[archives.Archive], dict[str, DatasetError]]:
     """Every zip in `root`, indexed, and why each unreadable one is (a truncated download, say).
 
@@ -235,9 +261,7 @@ def find_pairs(root: Path, split: str, mode: str = "fine") -> list[Pair]:
     """
     root = Path(root)
     gt = _gt_dir(mode)
-    if not root.is_dir():
-        raise DatasetError(f"{root}: no such folder (expected a Cityscapes tree or the "
-                           "official zips)")
+    check_root(root)
     zips, broken = _open_archives(root)
     for needed in (OFFICIAL.get((IMAGE_DIR, split)), OFFICIAL.get((gt, split))):
         if needed in broken:  # the official download of this split is unreadable
@@ -361,6 +385,13 @@ def read_image(path: Source) -> np.ndarray:
     return _decode(path, data, "RGB")
 
 
+def image_size(path: Source) -> tuple[int, int]:
+    """(H, W) of a leftImg8bit PNG from its IHDR chunk, without decoding the pixels."""
+    data, _, _ = _read_png(path, IMAGE_MODES)
+    width, height = struct.unpack(">II", data[16:24])
+    return int(height), int(width)
+
+
 def read_label_ids(path: Source) -> np.ndarray:
     """(H, W) uint8 labelIds of an original label PNG: the stored sample values."""
     data, mode, depth = _read_png(path, LABEL_MODES)
@@ -401,9 +432,7 @@ def find_images(root: Path, split: str) -> list[tuple[str, Source]]:
     For the test split, whose labels are not public; extracted or in the official zip.
     """
     root = Path(root)
-    if not root.is_dir():
-        raise DatasetError(f"{root}: no such folder (expected a Cityscapes tree or the "
-                           "official zips)")
+    check_root(root)
     zips, broken = _open_archives(root)
     if OFFICIAL.get((IMAGE_DIR, split)) in broken:
         raise broken[OFFICIAL[(IMAGE_DIR, split)]]

@@ -1,7 +1,8 @@
 """`cityprep`: synthesize a city, preprocess Cityscapes into shards, inspect and verify them.
 
 Each command is a thin wrapper over a module function; the group turns the project's errors
-into one `error: ...` line and a non-zero exit instead of a traceback.
+into one `Error: ...` line (click's prefix, as `citytrain` prints it) and a non-zero exit
+instead of a traceback.
 """
 
 from __future__ import annotations
@@ -26,10 +27,9 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except USER_ERRORS as e:
-            click.echo(f"error: {e}", err=True)
-            ctx.exit(1)
+            raise click.ClickException(str(e)) from None
         except KeyboardInterrupt:
-            click.echo("error: interrupted; rerun the same command to continue", err=True)
+            click.echo("Error: interrupted; rerun the same command to continue", err=True)
             ctx.exit(130)
 
 
@@ -65,6 +65,7 @@ class Part(click.ParamType):
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="cityseg", prog_name="cityprep")
 def main() -> None:
     """Cityscapes PNGs -> remapped, resized HDF5 shards for the DALI loader."""
 
@@ -101,8 +102,7 @@ def synth(out: Path, train: int, val: int, test: int, size: tuple[int, int], see
         if sequence:
             synthesize_sequence(out, frames=sequence, size=size, seed=seed, progress=True)
     except ValueError as e:  # synth's checks of its arguments
-        click.echo(f"error: {e}", err=True)
-        raise click.exceptions.Exit(1) from None
+        raise click.ClickException(str(e)) from None
     counts = [f"{train} train", f"{val} val"] + [f"{n} {split}" for n, split in (
         (extra, "train_extra"), (test, "test"), (sequence, "demoVideo")) if n]
     click.echo(f"{out}: {', '.join(counts)} frames at {sizes.text(size, 'WxH')}"
@@ -194,8 +194,7 @@ def verify(data_dir: Path) -> None:
     if not report.ok:
         for problem in report.problems:
             click.echo(f"problem: {problem}", err=True)
-        click.echo(f"error: {data_dir}: {len(report.problems)} problem(s) found", err=True)
-        raise click.exceptions.Exit(1)
+        raise click.ClickException(f"{data_dir}: {len(report.problems)} problem(s) found")
     click.echo(f"{data_dir}: OK ({report.shards} shards, {report.samples} samples)")
 
 

@@ -58,8 +58,8 @@ def inspect_shard(path: Path, names: int = 5) -> dict:
         "bytes": path.stat().st_size,
         "split": info.split,
         "samples": info.num_samples,
-        "size": list(sizes.wh(info.size)),  # [W, H], as manifest.json has it
-        "source_size": list(sizes.wh(info.source_size)),
+        "size": sizes.to_file(info.size),  # {"height", "width"}, as manifest.json has it
+        "source_size": sizes.to_file(info.source_size),
         "mapping": info.mapping.get("name"),
         "num_classes": len(info.classes),
         "ignore_index": info.ignore_index,
@@ -78,8 +78,8 @@ def format_summary(s: dict) -> str:
     lines = [
         f"{s['file']}  ({s['bytes'] / 1e6:.1f} MB)",
         f"  split {s['split']}, {s['samples']} samples, "
-        f"{sizes.text(sizes.from_wh(s['size']), 'WxH')} "
-        f"(from {sizes.text(sizes.from_wh(s['source_size']), 'WxH')}), mapping {s['mapping']!r} "
+        f"{sizes.text(sizes.from_file(s['size']), 'WxH')} (WxH) from "
+        f"{sizes.text(sizes.from_file(s['source_size']), 'WxH')}, mapping {s['mapping']!r} "
         f"with {s['num_classes']} classes",
         f"  image  {ds(s['image'])}",
         f"  label  {ds(s['label'])}",
@@ -132,9 +132,10 @@ def _check_shard(path: Path, entry: dict, split: str, manifest: dict) -> list[st
             problems.append(f"{path}: holds split {info.split!r}, listed under {split!r}")
         if info.num_samples != entry["samples"]:
             problems.append(f"{path}: {info.num_samples} samples, manifest says {entry['samples']}")
-        if info.size != sizes.from_wh(manifest["config"]["size"]):
+        if info.size != sizes.from_file(manifest["config"]["size"]):
             problems.append(f"{path}: size {sizes.text(info.size, 'WxH')}, manifest says "
-                            f"{sizes.text(sizes.from_wh(manifest['config']['size']), 'WxH')}")
+                            f"{sizes.text(sizes.from_file(manifest['config']['size']), 'WxH')}"
+                            " (WxH)")
         if info.classes != manifest["classes"]:
             problems.append(f"{path}: classes differ from the manifest's")
         with open_shard(path) as f:

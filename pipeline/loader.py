@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline import sizes
 from pipeline.geometry import augment_batch
 from pipeline.host import refuse_in_starting_worker, usable_cpus, worker_error
 from pipeline.photometric import Normalizer
@@ -343,8 +344,8 @@ def build_loader(data_dir: str | Path, split: str, batch_size: int, *, train: bo
     plan = Plan(sum(counts), batch_size, train, rank, world_size, seed)
     aug = Augment(tuple(crop), tuple(scale), bool(flip), float(jitter)) if train else None
     if aug is not None and rank == 0 and (aug.crop[0] > size[0] or aug.crop[1] > size[1]):
-        print(f"warning: crop {aug.crop[0]}x{aug.crop[1]} (HxW) is larger than the shards' "
-              f"{size[0]}x{size[1]} in {data_dir}: on average {padded_share(size, aug):.0%} "
+        print(f"warning: crop {aug.crop[0]}x{aug.crop[1]} (HxW) is larger than the shards "
+              f"({sizes.both(size)}) in {data_dir}: on average {padded_share(size, aug):.0%} "
               f"of each training sample is padding, which trains nothing; use --crop "
               f"{min(aug.crop[0], size[0])}x{min(aug.crop[1], size[1])} or preprocess at a "
               "larger --size", file=sys.stderr)

@@ -125,7 +125,7 @@ def bench_loader(data_dir: Path, *, batch_size: int = 4, workers: int | None = N
 def _bench(data_dir: Path, batch_size: int, workers: int | None, crop: tuple[int, int],
            batches: int, warmup: int, baseline: bool, backend: str) -> list[dict]:
     manifest = load_manifest(data_dir)
-    h, w = sizes.from_wh(manifest["config"]["size"])
+    h, w = sizes.from_file(manifest["config"]["size"])
     loader = build_loader(data_dir, "train", batch_size, train=True, crop=crop, workers=workers,
                           backend=backend)
     if len(loader) == 0:

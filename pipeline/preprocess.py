@@ -41,15 +41,19 @@ from tqdm import tqdm
 
 from pipeline import sizes
 from pipeline.cityscapes import (
+    IMAGE_DIR,
+    MODES,
     DatasetError,
     Pair,
     Source,
     find_pairs,
+    image_size,
     read_image,
     read_label_ids,
 )
 from pipeline.host import usable_cpus, worker_setup
 from pipeline.labels import Mapping, get_mapping
+from pipeline.progress import bar as progress_bar
 from pipeline.shards import (
     COMPRESSIONS,
     TMP_MARK,
@@ -146,7 +150,8 @@ def load_pair(
     ids = read_label_ids(pair.label)
     if image.shape[:2] != ids.shape:
         (ih, iw), (lh, lw) = image.shape[:2], ids.shape
-        raise DatasetError(f"{pair.image} is {iw}x{ih} but its label {pair.label} is {lw}x{lh}")
+        raise DatasetError(f"{pair.image} is {iw}x{ih} but its label {pair.label} is {lw}x{lh} "
+                           "(WxH)")
     _check_covered(ids, mapping, pair.label)
     small, small_ids = resize_pair(image, ids, size)
     return small, mapping.lut[small_ids], ids.shape
@@ -197,10 +202,16 @@ def write_shard(task: Task, out: Path, size: tuple[int, int], mapping: Mapping,
 def _setting(config: dict, key: str) -> str:
     value = config.get(key)
     if key == "size" and value:
-        return f"size {sizes.text(sizes.from_wh(value), 'WxH')}"
+        return f"size {sizes.text(sizes.from_file(value), 'WxH')}"
     if key == "mapping_def" and value:
         return f"mapping {value.get('name')!r}"
     return f"{key} {value}"
+
+
+def _same(key: str, a, b) -> bool:
+    if key == "size" and a is not None:  # named, or the [W, H] of an older folder
+        return sizes.from_file(a) == sizes.from_file(b)
+    return a == b
 
 
 def _check_config(out: Path, config: dict) -> dict:
@@ -219,7 +230,8 @@ def _check_config(out: Path, config: dict) -> dict:
             f"{out}: holds shards but no manifest.json, so their config is unknown; "
             "choose another --out or empty the folder"
         )
-    differ = [k for k in CONFIG_KEYS if stored is not None and stored.get(k) != config[k]]
+    differ = [k for k in CONFIG_KEYS if stored is not None and not _same(k, stored.get(k),
+                                                                       config[k])]
     if differ:
         there = ", ".join(_setting(stored, k) for k in differ)
         asked = ", ".join(_setting(config, k) + (" with another definition" if
@@ -331,6 +343,32 @@ def _run(todo: list[Task], out: Path, args: tuple, workers: int, bar: tqdm) -> N
     pool.shutdown()
 
 
+def _check_out(datadir: Path, out: Path, size: tuple[int, int]) -> None:
+    """Shards go to a folder of their own, never into the tree they are made from."""
+    root, target = datadir.resolve(), out.resolve()
+    tops = [root / top for top in (IMAGE_DIR, *MODES.values())]
+    if target == root or any(target.is_relative_to(t) for t in tops):
+        raise PreprocessError(
+            f"--out {out} is inside the Cityscapes tree {datadir}: shards need a folder of "
+            f"their own, e.g. --out data_cache/cityscapes-{sizes.text(size, 'WxH')}")
+
+
+def _check_size(datadir: Path, pairs: dict[str, list[Pair]], size: tuple[int, int]) -> None:
+    """Refuse a --size that turns the images on their side; say when it upsamples."""
+    first = next((p[0] for p in pairs.values() if p), None)
+    if first is None:
+        return
+    source = image_size(first.image)
+    try:
+        sizes.check_aspect("--size", size, "WxH", source, f"the images of {datadir}")
+    except ValueError as e:
+        raise PreprocessError(str(e)) from None
+    if size[0] > source[0] or size[1] > source[1]:
+        print(f"note: --size {sizes.text(size, 'WxH')} is larger than the images of {datadir} "
+              f"({sizes.text(source, 'WxH')}, WxH): they are upsampled (bilinear, labels "
+              "nearest), which adds pixels but no detail", file=sys.stderr)
+
+
 def preprocess(
     datadir: Path,
     out: Path,
@@ -359,8 +397,10 @@ def preprocess(
         raise PreprocessError(f"compression must be one of {', '.join(COMPRESSIONS)}")
     mapping = mapping if isinstance(mapping, Mapping) else get_mapping(mapping)
     splits = tuple(dict.fromkeys(splits))
+    _check_out(datadir, out, size)
     pairs = {s: find_pairs(datadir, s, mode) for s in splits}  # every input error before any write
-    config = {"size": list(sizes.wh(size)), "mapping": mapping.name,
+    _check_size(datadir, pairs, size)
+    config = {"size": sizes.to_file(size), "mapping": mapping.name,
               "mapping_def": mapping.to_json(),
               "compression": compression, "shard_size": shard_size, "mode": mode,
               "source_root": str(datadir.resolve())}
@@ -378,7 +418,7 @@ def preprocess(
         _sweep(out, todo)
         workers = max(1, min(workers or usable_cpus(), len(todo) or 1))
         total = sum(len(t.pairs) for t in todo)
-        with tqdm(total=total, unit="img", desc=f"preprocess {out.name}",
+        with progress_bar(total=total, unit="img", desc=f"preprocess {out.name}",
                   disable=not progress or not total, dynamic_ncols=True) as bar:
             try:
                 if todo:

@@ -6,7 +6,8 @@
         label  uint8 (N, H, W),    chunks (1, H, W)      class ids, 255 = ignore
         name   utf-8 str (N,)                            {city}_{seq:06d}_{frame:06d}
         attrs  format_version, split, classes, palette, ignore_index, mapping,
-               source_size ([W, H] of the originals, as manifest.json's config.size)
+               source_size (the array [W, H] of the originals; manifest.json and every
+               other file name a size's sides: {"height", "width"}, pipeline/sizes.py)
 
 Every file is written under a temporary name in the same folder and renamed when complete,
 so a reader never sees half a shard and a killed job leaves only temporaries to sweep.
@@ -192,6 +193,9 @@ class ShardInfo:
 def open_shard(path: Path) -> Iterator[h5py.File]:
     """Open a shard read-only after checking its schema; errors name the file."""
     path = Path(path)
+    if path.is_dir():
+        raise ShardError(f"{path}: a folder; a shard is one {{split}}-00000.h5 file in it "
+                         f"(`cityprep verify {path}` checks them all)")
     if not path.is_file():
         raise ShardError(f"{path}: shard missing")
     try:
@@ -261,15 +265,36 @@ def manifest_path(data_dir: Path) -> Path:
     return Path(data_dir) / MANIFEST_NAME
 
 
+def _not_shards(data_dir: Path) -> str:
+    """Why `data_dir` is no shard folder, and what to pass instead: the message for a
+    Cityscapes tree, a shard file, an unfinished job or anything else given as --data."""
+    from pipeline.cityscapes import tree_parts
+
+    made = "`cityprep preprocess --datadir CITYSCAPES --out DIR`"
+    if data_dir.is_file():
+        where = f"pass its folder {data_dir.parent}" if data_dir.suffix == ".h5" else \
+            "pass the folder of shards"
+        return f"{data_dir}: a file, not a shard folder; {where} (made by {made})"
+    if not data_dir.is_dir():
+        return f"{data_dir}: no such data folder; make shards there with {made}"
+    parts = tree_parts(data_dir)
+    if parts:
+        out = "data_cache/cityscapes-1024x512"
+        return (f"{data_dir}: a Cityscapes tree ({', '.join(parts)}), not shards; make shards "
+                f"from it with `cityprep preprocess --datadir {data_dir} --out {out}` and use "
+                f"{out} instead")
+    if any(data_dir.glob("*.h5")):
+        return (f"{data_dir}: shards but no {MANIFEST_NAME}: an unfinished `cityprep "
+                "preprocess`; rerun the same command to finish it")
+    return (f"{data_dir}: no {MANIFEST_NAME}, so not a shard folder (one holds "
+            f"{MANIFEST_NAME} and {{split}}-00000.h5, made by {made})")
+
+
 def load_manifest(data_dir: Path) -> dict:
     """Read and check `manifest.json`; errors say what to run."""
     path = manifest_path(data_dir)
-    if not Path(data_dir).is_dir():
-        raise ShardError(
-            f"{data_dir}: no such data folder; run `cityprep preprocess --out {data_dir}`"
-        )
     if not path.is_file():
-        raise ShardError(f"{path}: missing; run `cityprep preprocess --out {data_dir}` first")
+        raise ShardError(_not_shards(Path(data_dir)))
     try:
         manifest = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
@@ -390,7 +415,7 @@ def write_arrays(folder: Path, splits: dict[str, tuple[np.ndarray, np.ndarray, l
                 digest = writer.commit()
             entries[split].append({"file": path.name, "samples": stop - start,
                                    "sha256": digest, "stats": stats})
-    config = {"size": list(sizes.wh((h, w))), "mapping": mapping.name,
+    config = {"size": sizes.to_file((h, w)), "mapping": mapping.name,
               "mapping_def": mapping.to_json(),
               "compression": compression, "shard_size": shard_size, "mode": "fine",
               "source_root": None}

@@ -25,10 +25,10 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageFilter
-from tqdm import tqdm
 
 from pipeline import scene
 from pipeline.labels import LABELS
+from pipeline.progress import bar as progress_bar
 from pipeline.scene import ASPHALT, BRICK, FACADES, FLAT, GRASS, LEAVES, PAVING, PLANKS, SKY
 from pipeline.shards import atomic_write_bytes
 
@@ -346,7 +346,7 @@ def synthesize(root: Path, *, train: int = 20, val: int = 10, test: int = 0,
                                         ("test", test))
             for i in range(n)]
     paths = []
-    for split, i in tqdm(jobs, desc="synth", unit="frame", disable=not progress):
+    for split, i in progress_bar(jobs, desc="synth", unit="frame", disable=not progress):
         cities = CITIES[split]
         city, seq = cities[i % len(cities)], i // len(cities)
         stem = f"{city}_{seq:06d}_{FRAME:06d}"
@@ -402,7 +402,7 @@ def synthesize_sequence(root: Path, *, frames: int = 30, size: tuple[int, int] =
     folder = Path(root) / "leftImg8bit" / "demoVideo" / SEQUENCE_CITY
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
-    for k in tqdm(range(frames), desc="sequence", unit="frame", disable=not progress):
+    for k in progress_bar(range(frames), desc="sequence", unit="frame", disable=not progress):
         zoom = 1 + (ZOOM - 1) * k / max(frames - 1, 1)
         # the box keeps the vanishing point (cx, hy) where it is in the frame
         box = (sc.cx * (1 - 1 / zoom), sc.hy * (1 - 1 / zoom),

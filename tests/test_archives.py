@@ -64,7 +64,7 @@ def test_shards_from_the_synthetic_city_zips_are_byte_identical(city, tmp_path):
     zipped = tmp_path / "downloads"
     assert sorted(p.name for p in pack_official(city, zipped)) == [
         "gtFine_trainvaltest.zip", ZIP]
-    kw = dict(size=(128, 64), shard_size=4, progress=False)
+    kw = dict(size=(64, 128), shard_size=4, progress=False)
     a = preprocess(city, tmp_path / "a", workers=1, **kw)
     b = preprocess(zipped, tmp_path / "b", workers=2, **kw)
     assert shard_bytes(tmp_path / "a") == shard_bytes(tmp_path / "b")
@@ -211,7 +211,7 @@ def test_a_truncated_download_is_named_before_anything_is_written(tree, tmp_path
     assert not out.exists()
     r = CliRunner().invoke(main, ["preprocess", "--datadir", str(d), "--out", str(out),
                                   "--quiet"])
-    assert r.exit_code == 1 and r.output.startswith(f"error: {d / ZIP}: not a readable zip")
+    assert r.exit_code == 1 and r.output.startswith(f"Error: {d / ZIP}: not a readable zip")
     assert "Traceback" not in r.output
 
 

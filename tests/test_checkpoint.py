@@ -61,10 +61,12 @@ def test_resume_after_sigterm_matches_an_uninterrupted_run(make_dataset, tmp_pat
     monkeypatch.setattr(engine, "train_step", step_then_signal)
     cut = tiny(data, tmp_path / "cut", **{k: getattr(cfg, k) for k in (
         "epochs", "crop", "scale", "flip", "jitter", "optimizer", "lr", "warmup", "clip_grad")})
-    with pytest.raises(Interrupted, match="stopped by SIGTERM at epoch 1, step 2"):
+    with pytest.raises(Interrupted, match=r"stopped by SIGTERM in epoch 1/3, batch 2/3 \(0 done\), "
+                                          "step 2, "):
         fit(cut)
     assert load_checkpoint(tmp_path / "cut/checkpoints/last.pt")["loader"]["batch"] == 2
-    with pytest.raises(Interrupted, match="SIGTERM at epoch 3, step 6"):
+    # at an epoch's last step: its validation is done, then the run stops there
+    with pytest.raises(Interrupted, match="stopped by SIGTERM after epoch 2/3, step 6, "):
         fit(cut.__class__(**{**cut.__dict__, "resume": True}))
     fit(cut.__class__(**{**cut.__dict__, "resume": True}))
     assert len(steps) == 9  # 3 epochs x 3 batches, none repeated or skipped

@@ -36,7 +36,8 @@ def test_inspect_shard_json(made):
     assert info["image"] == {"shape": [1, 32, 64, 3], "dtype": "uint8",
                              "chunks": [1, 32, 64, 3], "compression": "none"}
     assert info["label"]["shape"] == [1, 32, 64] and info["label"]["chunks"] == [1, 32, 64]
-    assert info["size"] == [64, 32] and info["source_size"] == [128, 64]
+    assert info["size"] == {"height": 32, "width": 64}
+    assert info["source_size"] == {"height": 64, "width": 128}
     shares = [c["share"] for c in info["classes_present"]]
     assert abs(sum(shares) - 1) < 1e-9 and shares == sorted(shares, reverse=True)
     assert sum(c["pixels"] for c in info["classes_present"]) == 32 * 64
@@ -49,7 +50,7 @@ def test_inspect_shard_text_and_preview(made, tmp_path):
     r = CliRunner().invoke(main, ["inspect-shard", str(out / "train-00000.h5"),
                                   "--preview", str(preview)])
     assert r.exit_code == 0, r.output
-    assert "2 samples, 64x32 (from 128x64)" in r.output
+    assert "2 samples, 64x32 (WxH) from 128x64" in r.output
     assert "chunks (1, 32, 64, 3)" in r.output and "road" in r.output
     with Image.open(preview) as im:
         assert im.size == (128, 64)  # two rows of image | colorized label
@@ -88,6 +89,10 @@ def test_verify_ok_then_reports_each_problem(made, tmp_path):
      "holds shards of another config"),
     (["inspect-shard", "{png}"], "not a readable HDF5 file"),
     (["verify", "{tmp}/nowhere"], "nowhere: no such data folder"),
+    (["verify", "{city}"], "a Cityscapes tree (leftImg8bit/, gtFine/), not shards"),
+    (["inspect-shard", "{shards}"], "a folder; a shard is one {split}-00000.h5 file in it"),
+    (["preprocess", "--datadir", "{shards}", "--out", "{tmp}/o"], "holds shards (manifest.json"),
+    (["preprocess", "--datadir", "{city}", "--out", "{city}"], "is inside the Cityscapes tree"),
     (["synth", "{tmp}/s", "--size", "8x4"], "too small"),
 ])
 def test_errors_are_one_line_without_traceback(made, tmp_path, args, message):
@@ -97,7 +102,7 @@ def test_errors_are_one_line_without_traceback(made, tmp_path, args, message):
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 1, r.output
     assert "Traceback" not in r.output
-    lines = [line for line in r.output.splitlines() if line.startswith("error: ")]
+    lines = [line for line in r.output.splitlines() if line.startswith("Error: ")]
     assert len(lines) == 1 and message in lines[0], r.output
 
 

@@ -46,8 +46,9 @@ def run(shards, tmp_path_factory):
 
 def test_fit_writes_the_run_directory(run, shards):
     config = json.loads((run / "config.json").read_text())
-    assert config["config"]["width"] == 4 and config["config"]["crop"] == [32, 64]
-    assert config["data"]["manifest_config"]["size"] == [128, 64]
+    assert config["config"]["width"] == 4
+    assert config["config"]["crop"] == {"height": 32, "width": 64}
+    assert config["data"]["manifest_config"]["size"] == {"height": 64, "width": 128}
     assert config["data"]["samples"] == {"train": 6, "val": 4}
     assert config["versions"]["torch"].startswith(torch.__version__.split("+")[0])
     with open(run / "metrics.csv") as f:
@@ -69,7 +70,8 @@ def test_evaluate_writes_metrics_that_match_a_hand_computed_confusion(run, shard
     result = citytrain("evaluate", "--checkpoint", ckpt, "--data", shards, "--workers", "0",
                        "--device", "cpu")
     assert result.exit_code == 0, result.output
-    metrics = json.loads((run / "eval-val" / "metrics.json").read_text())
+    assert "wrote " + str(run / "eval-val-last-whole" / "metrics.json") in result.output
+    metrics = json.loads((run / "eval-val-last-whole" / "metrics.json").read_text())
     assert metrics["split"] == "val" and metrics["resolution"] == "shard"
     assert metrics["images"] == 4
 

@@ -91,7 +91,7 @@ def test_a_rank_killed_between_two_saves_costs_a_restart_not_the_run(make_datase
                                     workers=1)
     assert status == 0, output
     assert "(torchrun restart 1 of at most 1)" in output, output
-    assert "resuming" in output and "epoch 1, step 6" in output
+    assert "resuming" in output and "at step 6: epoch 2/2, batch 2/4 (1 done)" in output
     assert len(seen) >= 8, seen  # 2 ranks and their loader workers, twice (and helpers)
     gone = time.monotonic() + 10
     while any(alive(p) for p in seen) and time.monotonic() < gone:

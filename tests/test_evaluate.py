@@ -184,9 +184,10 @@ def test_a_failed_submission_leaves_no_zip(run, uneven, tmp_path):
 
 def test_fit_ends_with_the_evaluation_citytrain_evaluate_writes(run, shards, tmp_path):
     final = json.loads((run / "eval-val" / "metrics.json").read_text())
-    assert final["inference"] == {"mode": "slide", "window": [32, 64], "stride": [16, 32],
-                                  "scales": [1.0], "flip": True, "max_windows": 4,
-                                  "amp": "off", "model_size": [64, 128]}
+    assert final["inference"] == {"mode": "slide", "window": {"height": 32, "width": 64},
+                                  "stride": {"height": 16, "width": 32}, "scales": [1.0],
+                                  "flip": True, "max_windows": 4, "amp": "off",
+                                  "model_size": {"height": 64, "width": 128}}
     assert {p.name for p in (run / "eval-val").iterdir()} == {"metrics.json", "confusion.png",
                                                              "iou.png"}
     citytrain("evaluate", "--checkpoint", run / "checkpoints" / "last.pt", "--data", shards,
@@ -260,8 +261,9 @@ def test_usage_errors(run, shards, uneven, tmp_path):
     ckpt = run / "checkpoints" / "last.pt"
     assert "--submit needs --datadir" in fails("evaluate", "--checkpoint", ckpt, "--data",
                                                shards, "--submit", tmp_path / "z.zip", code=2)
-    assert "--window HxW" in fails("evaluate", "--checkpoint", ckpt, "--data", shards,
-                                   "--mode", "slide", code=2)
+    assert "covers the whole image the model sees" in fails(
+        "evaluate", "--checkpoint", ckpt, "--data", shards, "--mode", "slide", "--window",
+        "64x128")
     assert "pass --data (shards) or --datadir" in fails("evaluate", "--checkpoint", ckpt,
                                                         code=2)
     assert "--eval-window and --eval-stride need --eval-mode slide" in fails(

@@ -210,8 +210,9 @@ def test_data_wait_share_is_the_time_blocked_on_the_loader(monkeypatch, delay, d
     assert sums.batches == 8 and state.step == 8
     share = sums.wait / sums.seconds
     assert low <= share <= high, share
-    # the clock every rank agrees on lags by the last sync, which the next window counts
-    assert 0 < state.elapsed <= sums.seconds
+    # the clock every rank agrees on lags by the last sync, which the next window counts; it
+    # holds the first batch's wait (the loader starting up), which the epoch's sums leave out
+    assert 0 < state.elapsed <= sums.seconds + delay + 0.05
 
 
 class QueuedDevice:

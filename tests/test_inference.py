@@ -129,7 +129,7 @@ def test_scales_resize_the_input_and_average_at_the_output_size():
 
 def test_settings_that_do_not_go_together():
     with pytest.raises(InferenceError, match="--mode slide needs --window"):
-        Inference("slide")
+        Inference("slide").for_model((64, 128), crop=None)
     with pytest.raises(InferenceError, match="larger than --window"):
         Inference("slide", (512, 1024), (600, 683))
     with pytest.raises(InferenceError, match="need --mode slide"):
@@ -138,5 +138,27 @@ def test_settings_that_do_not_go_together():
         Inference(scales=(1.0, 0.0))
     assert Inference("slide", (512, 1024)).stride == (341, 683)
     record = Inference("slide", (512, 1024), scales=(0.75, 1.0), flip=True).to_json()
-    assert record == {"mode": "slide", "window": [512, 1024], "stride": [341, 683],
+    assert record == {"mode": "slide", "window": {"height": 512, "width": 1024},
+                      "stride": {"height": 341, "width": 683},
                       "scales": [0.75, 1.0], "flip": True, "max_windows": 4}
+
+
+def test_slide_defaults_to_the_training_crop_and_refuses_a_window_that_covers_all():
+    s = Inference("slide").for_model((64, 128), crop=(32, 64))
+    assert (s.window, s.stride) == ((32, 64), (21, 43))  # the crop, 2/3 of it
+    given = Inference("slide", (16, 32)).for_model((64, 128), crop=(32, 64))
+    assert given.window == (16, 32)
+    assert Inference().for_model((64, 128), crop=(32, 64)) == Inference()
+    with pytest.raises(InferenceError) as e:
+        Inference("slide", (64, 128)).for_model((64, 128), crop=(32, 64))
+    assert str(e.value) == ("--window 64x128 covers the whole image the model sees (128x64 "
+                            "WxH, 64x128 HxW): sliding it is whole-image inference; pass a "
+                            "smaller --window HxW or --mode whole")
+    with pytest.raises(InferenceError, match=r"the training crop, slide's default\) covers"):
+        Inference("slide").for_model((64, 128), crop=(64, 128))
+    # a window that covers the image at scale 1 still slides over it at scale 2
+    Inference("slide", (64, 128), scales=(1.0, 2.0)).for_model((64, 128), crop=None)
+    with pytest.raises(InferenceError, match="--window 128x64 is portrait"):
+        Inference("slide", (128, 64)).for_model((64, 128), crop=None)
+    # at each image's own size (predict --size full) only the default is filled in
+    assert Inference("slide").for_model(None, crop=(32, 64)).window == (32, 64)

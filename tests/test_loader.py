@@ -292,7 +292,8 @@ def test_a_crop_larger_than_the_shards_is_warned_about(data, capsys):
     folder, _ = data
     load(folder, "train", 2, "torch", crop=(256, 512), scale=(1, 1))
     err = capsys.readouterr().err
-    assert "warning: crop 256x512 (HxW) is larger than the shards' 64x128" in err
+    assert "warning: crop 256x512 (HxW) is larger than the shards (128x64 (WxH), 64x128 (HxW))" \
+        in err
     assert "94% of each training sample is padding" in err and "--crop 64x128" in err
     load(folder, "train", 2, "torch", crop=(H, W))
     assert capsys.readouterr().err == ""

@@ -104,7 +104,8 @@ def test_metadata_and_input_format_read_back(unet_checkpoint, tmp_path):
     assert meta["classes"] == state["classes"]
     assert meta["palette"] == state["palette"]
     assert meta["mapping"] == state["mapping"]
-    assert (meta["mean"], meta["std"], meta["size"]) == (state["mean"], state["std"], [128, 64])
+    assert (meta["mean"], meta["std"], meta["size"]) == (state["mean"], state["std"],
+                                                         {"height": 64, "width": 128})
     assert (meta["input_layout"], meta["input_dtype"], meta["output"]) == \
         ("NHWC", "uint8", "logits")
     assert "NHWC" in meta["input_format"]

@@ -36,7 +36,7 @@ def test_a_step_that_does_not_fit_stops_before_training(make_dataset, tmp_path, 
     with pytest.raises(TrainingError) as err:
         fit(tiny(data, tmp_path / "run", batch_size=4, crop=(32, 48)))
     message = str(err.value)
-    assert message.startswith("not enough memory: one training step at batch 4, crop 32x48, "
+    assert message.startswith("not enough memory: one training step at batch 4, crop 32x48 (HxW), "
                               "width 8, --amp off needs about ")
     assert "GB per process" in message and "against 0.1 GB on this host" in message
     assert "--amp bf16" in message and "--no-preflight skips this check" in message

@@ -199,7 +199,7 @@ def test_ctrl_c_stops_cleanly_and_resumes(tree, reference, tmp_path):
     os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
-    assert "error: interrupted; rerun the same command to continue" in err
+    assert "Error: interrupted; rerun the same command to continue" in err
     assert "Traceback" not in err
     assert not (out / "manifest.json").exists() and leftovers(out) == []
     assert preprocess(tree, out, **KW) == load_manifest(reference)
@@ -288,7 +288,7 @@ def test_size_mismatch(tmp_path):
     label = label_path(root, "bochum_000001_000019")
     write_png(label, np.full((30, 64), 7, np.uint8))
     with pytest.raises(DatasetError, match=rf"^{image_path(root, 'bochum_000001_000019')} is "
-                                           rf"64x32 but its label {label} is 64x30$"):
+                                           rf"64x32 but its label {label} is 64x30 \(WxH\)$"):
         preprocess(root, tmp_path / "out", splits=["train"], **KW)
     assert_clean(tmp_path / "out")
     assert list((tmp_path / "out").glob("*.h5")) == []

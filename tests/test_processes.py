@@ -135,7 +135,7 @@ def slow_add(self, *args):  # keep the workers busy long enough to be orphaned
     add(self, *args)
 shards.ShardWriter.add = slow_add
 from pipeline.preprocess import preprocess
-preprocess(sys.argv[1], sys.argv[2], size=(64, 32), shard_size=1, workers=2, progress=False)
+preprocess(sys.argv[1], sys.argv[2], size=(32, 64), shard_size=1, workers=2, progress=False)
 """
 
 

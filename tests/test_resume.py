@@ -62,13 +62,13 @@ def test_resume_takes_every_setting_from_the_run(shards, tmp_path):
     # nothing retyped but the new length: the width, crop, optimizer... are the run's
     again = citytrain("fit", "--out", run, "--resume", "--epochs", "2", "--no-progress")
     assert again.exit_code == 0, again.output
-    assert "resuming" in again.output and "epoch 1, step 3" in again.output
+    assert "resuming" in again.output and "at step 3: epoch 2/2 (1 done)" in again.output
     state = load_checkpoint(run / "checkpoints" / "last.pt")
     assert (state["epoch"], state["step"]) == (2, 6)
     assert state["arch"]["width"] == 4 and state["arch"]["upsample"] == "transpose"
     config = _config(run)["config"]
     assert (config["width"], config["crop"], config["optimizer"], config["seed"]) == \
-        (4, [32, 64], "adamw", 3)
+        (4, {"height": 32, "width": 64}, "adamw", 3)
     assert config["epochs"] == 2 and config["save_every"] == 0
     assert config["data"] == os.path.abspath(shards)  # the run's own, absolute
     assert [r["epoch"] for r in _rows(run)] == ["1", "2"]
@@ -186,7 +186,8 @@ def test_a_small_config_file_and_its_mistakes(shards, tmp_path):
                        "--no-progress")
     assert result.exit_code == 0, result.output
     config = _config(tmp_path / "r")["config"]
-    assert (config["crop"], config["scale"], config["depth"]) == ([32, 64], [1.0, 1.0], 1)
+    assert (config["crop"], config["scale"], config["depth"]) == \
+        ({"height": 32, "width": 64}, [1.0, 1.0], 1)
     path.write_text('{"widht": 4}')
     assert f"{path}: no setting 'widht' (did you mean width" in fails(
         "fit", "--config", path, "--out", tmp_path / "x")

@@ -45,7 +45,7 @@ def test_contents_equal_an_independent_remap_and_resize(city, shards, split):
 def test_manifest_numbers_match_the_shards(city, shards):
     manifest = load_manifest(shards)
     mapping = get_mapping("trainid")
-    assert manifest["config"]["size"] == [128, 64]
+    assert manifest["config"]["size"] == {"height": 64, "width": 128}
     assert manifest["config"]["mapping_def"] == mapping.to_json()
     assert manifest["classes"] == mapping.classes
     assert manifest["palette"] == mapping.palette.tolist()
@@ -120,8 +120,24 @@ def test_open_shard_names_the_broken_file(tmp_path):
             pass
 
 
-def test_load_manifest_says_what_to_run(tmp_path):
-    with pytest.raises(ShardError, match="missing; run `cityprep preprocess"):
+def test_load_manifest_says_what_to_run(tmp_path, city, shards):
+    with pytest.raises(ShardError, match=r"no manifest.json, so not a shard folder \(one holds "
+                                         r"manifest.json and \{split\}-00000.h5, made by "
+                                         r"`cityprep preprocess --datadir CITYSCAPES --out DIR`"):
+        load_manifest(tmp_path)
+    # the raw tree, given where shards belong: named, with the command that makes shards of it
+    with pytest.raises(ShardError) as e:
+        load_manifest(city)
+    assert str(e.value) == (
+        f"{city}: a Cityscapes tree (leftImg8bit/, gtFine/), not shards; make shards from it "
+        f"with `cityprep preprocess --datadir {city} --out data_cache/cityscapes-1024x512` "
+        "and use data_cache/cityscapes-1024x512 instead")
+    with pytest.raises(ShardError, match=r"train-00000.h5: a file, not a shard folder; pass its "
+                                         rf"folder {shards}"):
+        load_manifest(shards / "train-00000.h5")
+    (tmp_path / "train-00000.h5").write_bytes(b"")
+    with pytest.raises(ShardError, match="shards but no manifest.json: an unfinished `cityprep "
+                                         "preprocess`; rerun the same command"):
         load_manifest(tmp_path)
     (tmp_path / "manifest.json").write_text(json.dumps({"format_version": 99}))
     with pytest.raises(ShardError, match="format_version 99"):

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from pipeline import sizes
 from train.distributed import local_device
 from train.engine import AMP_DTYPES, Config, build_optimizer, cuda_speed_settings, train_step
 from train.losses import build_loss
@@ -118,7 +119,7 @@ def run_bench(*, crop: tuple[int, int] = (512, 1024), batch_size: int = 8, amp: 
     achieved = flops / seconds / 1e12
     return {
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-        "crop": [h, w], "batch_size": batch_size, "amp": amp, "encoder": encoder,
+        "crop": sizes.to_file(crop), "batch_size": batch_size, "amp": amp, "encoder": encoder,
         "model": describe(model), "width": width, "depth": depth,
         "compile": compile, "channels_last": channels_last, "tf32": tf32, "steps": steps,
         "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
@@ -129,10 +130,15 @@ def run_bench(*, crop: tuple[int, int] = (512, 1024), batch_size: int = 8, amp: 
     }
 
 
+def _hw(size: dict) -> str:
+    """A crop or window of a report, as typed: HxW."""
+    return sizes.text(sizes.from_file(size), "HxW")
+
+
 def format_report(r: dict) -> str:
     return "\n".join([
         f"{r['model']} ({r['params_m']:.2f} M params), crop "
-        f"{r['crop'][0]}x{r['crop'][1]}, batch {r['batch_size']}, amp {r['amp']}, compile "
+        f"{_hw(r['crop'])} (HxW), batch {r['batch_size']}, amp {r['amp']}, compile "
         f"{r['compile']}, channels_last {r['channels_last']}, on {r['device']}",
         f"  images/s          {r['images_per_s']:.2f}  ({r['step_time_s'] * 1e3:.1f} ms/step)",
         f"  GFLOP per image   {r['gflops_per_image']:.2f}  (forward + backward)",
@@ -153,7 +159,7 @@ def format_table(reports: list[dict]) -> str:
                      f"{r['images_per_s']:>9.2f} {r['images_per_s'] / base:>7.2f}x "
                      f"{r['mfu']:>6.1%}")
     r = reports[0]
-    lines.append(f"(training steps, crop {r['crop'][0]}x{r['crop'][1]}, batch "
+    lines.append(f"(training steps, crop {_hw(r['crop'])} (HxW), batch "
                  f"{r['batch_size']}, amp {r['amp']}, on {r['device']}; GFLOP forward + "
                  "backward)")
     return "\n".join(lines)
@@ -203,21 +209,21 @@ def run_inference_bench(*, size: tuple[int, int] = (1024, 2048), encoder: str = 
             row["peak_memory_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
         rows.append(row)
     return {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-            "threads": torch.get_num_threads(), "size": list(size), "encoder": encoder,
+            "threads": torch.get_num_threads(), "size": sizes.to_file(size), "encoder": encoder,
             "model": describe(model), "width": width, "depth": depth, "amp": amp,
             "images": images, "rows": rows}
 
 
 def format_inference_report(r: dict) -> str:
-    h, w = r["size"]
-    lines = [f"inference on {h}x{w} (HxW), {r['model']}, amp "
+    size = sizes.text(sizes.from_file(r["size"]), "WxH")
+    lines = [f"inference on {size} (WxH), {r['model']}, amp "
              f"{r['amp']}, on {r['device']} ({r['threads']} threads), {r['images']} images"]
     base = r["rows"][0]["images_per_s"]
     for row in r["rows"]:
         s = row["inference"]
         detail = "" if s["mode"] == "whole" else \
-            f"  window {s['window'][0]}x{s['window'][1]} stride {s['stride'][0]}x" \
-            f"{s['stride'][1]}, scales {','.join(map(str, s['scales']))}, flip {s['flip']}"
+            f"  window {_hw(s['window'])} stride {_hw(s['stride'])} (HxW)" \
+            f", scales {','.join(map(str, s['scales']))}, flip {s['flip']}"
         mem = f", peak {row['peak_memory_mb']:.0f} MiB" if "peak_memory_mb" in row else ""
         lines.append(f"  {row['setting']:<24} {row['images_per_s']:8.3f} images/s "
                      f"({row['images_per_s'] / base:.2f}x whole{mem}){detail}")

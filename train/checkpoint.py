@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline import sizes
 from pipeline.shards import atomic_write_bytes
 from train.models.registry import arch_of
 
@@ -177,10 +178,20 @@ DATA_KEYS = ("size", "mapping", "shards_mean", "shards_std")
 def check_data(state: dict, about: dict, path: Path, data: str | Path = "the data") -> None:
     """A resumed run must read the shards it was trained on, wherever they are now: the
     same size, mapping and training-set statistics (a copy elsewhere has the same)."""
-    differ = [k for k in DATA_KEYS if k in state and state[k] != about.get(k)]
+    def same(key: str, a, b) -> bool:
+        if key == "size" and a is not None and b is not None:  # named, or an older [W, H]
+            return sizes.from_file(a) == sizes.from_file(b)
+        return a == b
+
+    def shown(key: str, value) -> str:
+        return f"{sizes.text(sizes.from_file(value), 'WxH')} (WxH)" if key == "size" and \
+            value is not None else str(value)
+
+    differ = [k for k in DATA_KEYS if k in state and not same(k, state[k], about.get(k))]
     if differ:
         said = "; ".join("another label mapping" if k == "mapping"
-                         else f"{k.removeprefix('shards_')} {state[k]} there, {about.get(k)} here"
+                         else f"{k.removeprefix('shards_')} {shown(k, state[k])} there, "
+                              f"{shown(k, about.get(k))} here"
                          for k in differ)
         raise CheckpointError(f"{path}: the run was trained on other shards than {data} "
                               f"({said}); pass --data with the run's shards")
@@ -237,6 +248,13 @@ def normalization_of(state: dict) -> dict[str, Any]:
     """The mean/std a checkpoint's model was trained with, and where they came from."""
     return {"mean": [float(v) for v in state["mean"]], "std": [float(v) for v in state["std"]],
             "normalization": state.get("normalization", "dataset")}
+
+
+def training_crop(state: dict) -> tuple[int, int] | None:
+    """(H, W) of the crops a checkpoint's model trained on; None for whole images or a
+    checkpoint that does not say."""
+    crop = (state.get("config") or {}).get("crop")
+    return (int(crop[0]), int(crop[1])) if crop else None
 
 
 def rng_state(device: torch.device | None = None) -> dict[str, Any]:

@@ -1,16 +1,19 @@
-"""`citytrain`: fit, evaluate, predict, bench, gpu-report.
+"""`citytrain`: fit, evaluate, predict, runs, models, bench, gpu-report.
 
     citytrain fit --data data_cache/city-1024x512 --out runs/city [--epochs 100 --amp bf16 ...]
     torchrun --standalone --nproc_per_node=4 -m train.cli fit ...        (one process per GPU)
     citytrain evaluate --checkpoint runs/city/checkpoints/best.pt --data data_cache/city-1024x512
     citytrain evaluate --checkpoint ... --datadir ~/cityscapes --mode slide --window 512x1024
     citytrain evaluate --checkpoint ... --datadir ~/cityscapes --split test --submit results.zip
-    citytrain predict --checkpoint runs/city/checkpoints/best.pt --input photos/ --out preds/
+    citytrain predict --checkpoint runs/city --input photos/ --out preds/   (a run: its best.pt)
+    citytrain runs [runs]                                                 (a table of runs)
     citytrain bench --crop 512x1024 --batch-size 8 --amp bf16
     citytrain gpu-report --out runs/gpu-report                           (a CUDA GPU only)
-    citytrain bench-inference --size 1024x2048
+    citytrain bench-inference --size 2048x1024
     citytrain bench-checkpoint --dir runs/                    (what a save costs, per --save-every)
     citytrain bench-restart                        (what one SIGKILLed rank costs, under torchrun)
+
+Sizes: an image's --size is WxH; a crop, window or stride is HxW (pipeline/sizes.py).
 """
 
 from __future__ import annotations
@@ -44,13 +47,14 @@ def _errors():
     from pipeline.labels import MappingError
     from pipeline.shards import ShardError
     from train.checkpoint import CheckpointError
+    from train.evaluation import EvaluationError
     from train.inference import InferenceError
     from train.models import ModelError, WeightsError
     from train.onnx_runtime import OnnxError
     from train.predict import InputError
 
     return (ShardError, MappingError, DatasetError, CheckpointError, InputError, TrainingError,
-            InferenceError, ModelError, WeightsError, OnnxError)
+            InferenceError, ModelError, WeightsError, EvaluationError, OnnxError)
 
 
 def friendly_errors(fn):
@@ -159,6 +163,7 @@ def parse_inference(mode: str, window: str | None, stride: str | None, scales: s
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.version_option(package_name="cityseg", prog_name="citytrain")
 def main() -> None:
     """Train and evaluate the U-Net on preprocessed Cityscapes shards."""
 
@@ -177,7 +182,8 @@ def main() -> None:
 @click.option("--epochs", default=DEFAULTS.epochs, type=click.IntRange(1))
 @click.option("--batch-size", default=DEFAULTS.batch_size, type=click.IntRange(1),
               help="Images per process (per GPU).")
-@click.option("--crop", default="512x1024", help="Training crop HxW, or 'full'.")
+@click.option("--crop", default="512x1024", metavar="HxW|full",
+              help="Training crop HxW (a crop: height first), or 'full'.")
 @click.option("--scale", default="0.5,2.0", help="Random rescale range MIN,MAX.")
 @click.option("--flip/--no-flip", default=DEFAULTS.flip)
 @click.option("--jitter", default=DEFAULTS.jitter, type=click.FloatRange(0, 1),
@@ -304,13 +310,18 @@ def _fit_settings(typed: dict) -> dict:
 
 
 @main.command()
-@click.option("--checkpoint", required=True, type=click.Path(path_type=Path))
+@click.option("--checkpoint", required=True, type=click.Path(path_type=Path),
+              help="A checkpoint file, or a run directory: its checkpoints/best.pt.")
 @click.option("--data", type=click.Path(path_type=Path), default=None,
               help="Shard folder: score at shard resolution (optional with --datadir).")
 @click.option("--split", default="val")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
-              help="Folder for metrics.json, confusion.png, iou.png [RUN/eval-SPLIT beside "
-                   "the checkpoints].")
+              help="Folder for metrics.json, confusion.png, iou.png [beside the checkpoints, "
+                   "named by what is scored how: RUN/eval-SPLIT-CKPT[-full]-MODE[-ms][-flip], "
+                   "e.g. RUN/eval-val-best-slide].")
+@click.option("--overwrite", is_flag=True,
+              help="Replace an earlier evaluation's results (metrics.json, PNGs, zip) where "
+                   "this one writes; without it they are refused.")
 @click.option("--datadir", type=click.Path(path_type=Path), default=None,
               help="Cityscapes root with the originals, extracted or the official zips: "
                    "score at their resolution, with iIoU from the instanceIds PNGs.")
@@ -336,7 +347,9 @@ def evaluate(checkpoint: Path, data: Path | None, split: str, out: Path | None,
     per class and category), confusion.png, iou.png. Under torchrun every rank scores its
     share. With --submit: zip the split's predictions for the benchmark server instead."""
     from train.evaluation import evaluate_checkpoint
+    from train.rundir import resolve_checkpoint
 
+    checkpoint = resolve_checkpoint(checkpoint)
     inference = parse_inference(mode, window, stride, scales, flip, max_windows)
     if export_official is not None and datadir is None:
         raise click.UsageError("--export-official needs --datadir, the Cityscapes tree with "
@@ -357,7 +370,8 @@ def evaluate(checkpoint: Path, data: Path | None, split: str, out: Path | None,
 
 @main.command()
 @click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
-              help="A citytrain checkpoint (or --model).")
+              help="A citytrain checkpoint, or a run directory: its checkpoints/best.pt (or "
+                   "--model).")
 @click.option("--model", "onnx_model", type=click.Path(path_type=Path), default=None,
               help="An ONNX file of `citytrain export`, run by onnxruntime (its CUDA provider "
                    "when there is one and --device allows).")
@@ -375,8 +389,13 @@ def evaluate(checkpoint: Path, data: Path | None, split: str, out: Path | None,
 @click.option("--fps", type=click.FloatRange(min=0, min_open=True), default=None,
               help="With --video: the frames' rate [a video's own; 17, the Cityscapes "
                    "camera's, for PNG frames].")
-@click.option("--size", default=None,
+@click.option("--size", default=None, metavar="WxH|full",
               help="Resize to WxH for the model [the training shards' size]; 'full' = as is.")
+@click.option("--format", "format_", default="color",
+              type=click.Choice(["color", "trainid", "labelid"]),
+              help="color: NAME_mask.png in the palette's colours and NAME_overlay.png; "
+                   "trainid: NAME_trainid.png, the class ids as grey values; labelid: "
+                   "NAME_labelid.png, the official labelIds.")
 @inference_options()
 @click.option("--amp", default="off", type=AMPS,
               help="Autocast the model to this precision (a checkpoint only).")
@@ -384,12 +403,16 @@ def evaluate(checkpoint: Path, data: Path | None, split: str, out: Path | None,
 @friendly_errors
 def predict(checkpoint: Path | None, onnx_model: Path | None, inputs: tuple[Path, ...],
             out: Path | None, video: Path | None, every: int, layout: str, fps: float | None,
-            size: str | None, mode: str, window: str | None, stride: str | None, scales: str,
-            flip: bool, max_windows: int, amp: str, device: str) -> None:
-    """Colorized masks and overlays for any images, or a video of a frame sequence."""
+            size: str | None, format_: str, mode: str, window: str | None, stride: str | None,
+            scales: str, flip: bool, max_windows: int, amp: str, device: str) -> None:
+    """Colorized masks and overlays (or class id PNGs) for any images, or a video of a frame
+    sequence."""
+    from train.checkpoint import training_crop
     from train.distributed import local_device
+    from train.export import as_mapping
     from train.losses import build_loss
     from train.predict import predict_paths
+    from train.rundir import resolve_checkpoint
 
     inference = parse_inference(mode, window, stride, scales, flip, max_windows)
     if (checkpoint is None) == (onnx_model is None):
@@ -408,26 +431,43 @@ def predict(checkpoint: Path | None, onnx_model: Path | None, inputs: tuple[Path
         if amp != "off":
             raise click.UsageError("--amp is for a checkpoint; an ONNX file runs as exported")
         model = OnnxModel(onnx_model, device)
-        about, losstype = model.meta, model.losstype
+        about, losstype, source = model.meta, model.losstype, onnx_model
     else:
         from train.checkpoint import load_checkpoint, model_from_checkpoint
 
+        checkpoint = resolve_checkpoint(checkpoint)
         about = load_checkpoint(checkpoint)
         model, losstype = model_from_checkpoint(about, checkpoint, dev), about["losstype"]
-    shape = sizes.from_wh(about["size"]) if size is None else parse_size(size, order="WxH")
+        source = checkpoint
+    trained = sizes.from_file(about["size"])
+    shape = trained if size is None else parse_size(size, order="WxH")
+    if shape is not None:
+        try:
+            sizes.check_aspect("--size", shape, "WxH", trained,
+                               f"the shards {source} was trained on")
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="--size") from None
+    inference = inference.for_model(shape, training_crop(about))
     loss = build_loss(losstype, palette=about["palette"]).to(dev)
     settings = dict(mean=about["mean"], std=about["std"], loss=loss, device=dev, size=shape,
                     inference=inference, amp=amp)
     if video is not None:
         from train.video import predict_video
 
+        if format_ != "color":
+            raise click.UsageError("--format is for PNGs; a --video shows the colours")
         done = predict_video(model, inputs[0], video, every=every, layout=layout, fps=fps,
                              **settings)
         click.echo(f"wrote {video}: {done['frames']} frames of {done['size'][0]}x"
-                   f"{done['size'][1]} at {float(done['fps']):.4g} fps from {done['source']}")
+                   f"{done['size'][1]} (WxH) at {float(done['fps']):.4g} fps from "
+                   f"{done['source']}")
         return
-    written = predict_paths(model, list(inputs), out, **settings)
-    click.echo(f"wrote {len(written) // 2} masks and overlays to {out}")
+    mapping = as_mapping(about["mapping"]) if about.get("mapping") else None
+    written = predict_paths(model, list(inputs), out, **settings, format=format_,
+                            mapping=mapping)
+    what = "masks and overlays" if format_ == "color" else f"{format_} PNGs"
+    n = len(written) // 2 if format_ == "color" else len(written)
+    click.echo(f"wrote {n} {what} to {out}")
 
 
 @main.command()
@@ -458,7 +498,8 @@ def export(checkpoint: Path, format_: str, out: Path, argmax: bool, check_size: 
 
 
 @main.command()
-@click.option("--crop", default="512x1024", help="HxW of the synthetic batch.")
+@click.option("--crop", default="512x1024", metavar="HxW",
+              help="The synthetic batch's crop HxW.")
 @click.option("--batch-size", default=8, type=click.IntRange(1))
 @click.option("--amp", default="bf16", type=AMPS)
 @click.option("--encoder", "encoders", default=DEFAULTS.encoder, metavar="NAME[,NAME...]|all",
@@ -535,6 +576,30 @@ def models(size: str, as_json: bool) -> None:
                "torch.utils.flop_counter; plain at its defaults (--width 64 --depth 4)")
 
 
+@main.command()
+@click.argument("folder", metavar="[DIR]", default="runs", required=False,
+                type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@friendly_errors
+def runs(folder: Path, as_json: bool) -> None:
+    """A table of the runs in DIR [runs]: encoder, epochs done, best val mIoU and its epoch,
+    the last evaluation's four scores (-: not measured, as iIoU at shard resolution),
+    training time, and state (running, stopped and why, done)."""
+    from train.rundir import find_runs, format_runs, run_summary
+
+    if not folder.is_dir():
+        raise click.ClickException(f"{folder}: no such folder (runs are the --out folders of "
+                                   "`citytrain fit`)")
+    rows = [run_summary(run, folder) for run in find_runs(folder)]
+    if as_json:
+        click.echo(json.dumps(rows, indent=1))
+    elif not rows:
+        click.echo(f"{folder}: no runs (a run is a `citytrain fit --out` folder, with "
+                   "config.json and metrics.csv)")
+    else:
+        click.echo(format_runs(rows))
+
+
 @main.command("gpu-report")
 @click.option("--out", default=Path("runs/gpu-report"), type=click.Path(path_type=Path),
               show_default=True, help="Folder for report.md, report.json and the shards.")
@@ -563,8 +628,9 @@ def gpu_report(out: Path, budget: float) -> None:
 
 
 @main.command("bench-inference")
-@click.option("--size", default=None,
-              help="HxW of the synthetic image [1024x2048; with --onnx 512x1024 and 1024x2048].")
+@click.option("--size", default=None, metavar="WxH",
+              help="The synthetic image's size WxH, an image size as --size everywhere "
+                   "[2048x1024; with --onnx 1024x512 and 2048x1024].")
 @click.option("--onnx", is_flag=True,
               help="Instead: onnxruntime against PyTorch on the whole image, the same exported "
                    "model (uint8 in, logits out).")
@@ -572,8 +638,9 @@ def gpu_report(out: Path, budget: float) -> None:
               "only).")
 @click.option("--width", default=16, type=click.IntRange(1), help="plain: U-Net width.")
 @click.option("--depth", default=4, type=click.IntRange(1), help="plain: U-Net depth.")
-@click.option("--window", default="512x1024", help="Slide window HxW.")
-@click.option("--stride", default=None, help="Slide stride HxW [2/3 of the window].")
+@click.option("--window", default="512x1024", metavar="HxW", help="Slide window HxW.")
+@click.option("--stride", default=None, metavar="HxW",
+              help="Slide stride HxW [2/3 of the window].")
 @click.option("--scales", default="0.75,1.0,1.25", help="Scales of the TTA row.")
 @click.option("--images", default=2, type=click.IntRange(1), help="Timed images per row.")
 @click.option("--warmup", default=1, type=click.IntRange(0), help="Untimed images per row "
@@ -594,14 +661,14 @@ def bench_inference(size: str | None, onnx: bool, window: str, stride: str | Non
     if onnx:
         from train.onnx_bench import SIZES, format_runtime_report, run_runtime_bench
 
-        report = run_runtime_bench(sizes=(parse_size(size),) if size else SIZES,
+        report = run_runtime_bench(sizes=(parse_size(size, order="WxH"),) if size else SIZES,
                                    **{k: kwargs[k] for k in ("encoder", "width", "depth",
                                                              "images", "warmup", "device")})
         click.echo(format_runtime_report(report))
     else:
         from train.bench import format_inference_report, run_inference_bench
 
-        report = run_inference_bench(size=parse_size(size or "1024x2048"),
+        report = run_inference_bench(size=parse_size(size or "2048x1024", order="WxH"),
                                      window=parse_size(window),
                                      stride=parse_size(stride) if stride else None,
                                      scales=_scales(scales), **kwargs)

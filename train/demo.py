@@ -5,8 +5,8 @@
 1. synthesize a small city in the Cityscapes layout     (OUT/data/city, 512x256 PNGs)
 2. preprocess it into shards                              (OUT/data/shards, 256x128, trainid)
 3. citytrain fit on the CPU within a time budget          (OUT: metrics.csv, checkpoints, ...)
-4. citytrain evaluate on the val split                    (OUT/eval-val/metrics.json)
-5. citytrain predict on the val images                    (OUT/predict/*_mask.png, *_overlay.png)
+4. citytrain evaluate on the val split at full resolution (OUT/eval-val-last-full-whole/)
+5. citytrain predict on the val images                    (OUT/predict/CITY/*_overlay.png)
 6. citytrain export to ONNX, checked against PyTorch      (OUT/model.onnx)
 7. citytrain predict --video of a synthetic drive with it  (OUT/drive.mp4, 2 s at 17 fps)
 
@@ -38,6 +38,8 @@ FIT_ARGS = ["--width", "16", "--depth", "4", "--batch-size", "8", "--crop", "ful
             "--scale", "1,1", "--jitter", "0.1", "--optimizer", "adamw", "--lr", "1e-2",
             "--warmup", "20", "--class-weights", "--epochs", "100", "--eval-every", "20",
             "--workers", "0", "--device", "cpu"]
+SCORES = (("miou", "mIoU"), ("iiou", "iIoU"), ("category_miou", "category mIoU"),
+          ("category_iiou", "category iIoU"), ("pixel_acc", "pixel accuracy"))
 
 
 def cpu_amp() -> str:
@@ -76,6 +78,9 @@ def clear_previous_run(out: Path) -> None:
             path.unlink()
     for events in out.glob("events.out.tfevents.*"):
         events.unlink()
+    for evaluated in out.glob("eval-*"):  # `citytrain evaluate` refuses to overwrite them
+        shutil.rmtree(evaluated)
+    (out / "status.json").unlink(missing_ok=True)
 
 
 @click.command()
@@ -112,8 +117,8 @@ def main(out: Path, minutes: float, seed: int) -> None:
               "--time-limit", str(round(minutes * 60)), "--amp", cpu_amp(), *FIT_ARGS)
     trained = time.perf_counter()
     best = out / "checkpoints" / "last.pt"
-    citytrain("evaluate", "--checkpoint", str(best), "--data", str(shards), "--split", "val",
-              "--device", "cpu", "--workers", "0")
+    citytrain("evaluate", "--checkpoint", str(best), "--datadir", str(city), "--split", "val",
+              "--device", "cpu")  # the originals, with their instance ids: all four scores
     citytrain("predict", "--checkpoint", str(best), "--input", str(city / "leftImg8bit" / "val"),
               "--out", str(out / "predict"), "--device", "cpu")
     citytrain("export", "--checkpoint", str(best), "--format", "onnx", "--out",
@@ -121,15 +126,19 @@ def main(out: Path, minutes: float, seed: int) -> None:
     citytrain("predict", "--model", str(out / "model.onnx"), "--input", str(drive), "--video",
               str(out / "drive.mp4"), "--device", "cpu")
 
-    metrics = json.loads((out / "eval-val" / "metrics.json").read_text())
+    evaluated = out / "eval-val-last-full-whole"
+    metrics = json.loads((evaluated / "metrics.json").read_text())
     grids = sorted((out / "predictions").glob("epoch_*/val.png"))
     print(f"\ndemo done in {time.perf_counter() - start:.0f} s (training "
-          f"{trained - prepared:.0f} s): val mIoU {metrics['miou']:.3f}, pixel accuracy "
-          f"{metrics['pixel_acc']:.3f} over {metrics['images']} images")
-    print(f"  metrics:      {out / 'metrics.csv'}, {out / 'eval-val' / 'metrics.json'}")
+          f"{trained - prepared:.0f} s): val "
+          + ", ".join(f"{name} {'n/a' if metrics[key] is None else f'{metrics[key]:.3f}'}"
+                      for key, name in SCORES)
+          + f" over {metrics['images']} images at full resolution")
+    print(f"  metrics:      {out / 'metrics.csv'}, {evaluated / 'metrics.json'}")
     if grids:
         print(f"  pictures:     {grids[-1]} (image | ground truth | prediction)")
-    print(f"  predictions:  {out / 'predict'} (*_mask.png, *_overlay.png)")
+    print(f"  predictions:  {out / 'predict'} (a folder per city: */*_mask.png, "
+          "*/*_overlay.png)")
     onnx = out / "model.onnx"
     print(f"  video:        {out / 'drive.mp4'} (a synthetic drive, {onnx} in onnxruntime)")
     print(f"  TensorBoard:  tensorboard --logdir {out}")

@@ -13,6 +13,7 @@ every `log_every` steps (`train_one_epoch`), which is also when the non-finite c
 from __future__ import annotations
 
 import math
+import os
 import signal
 import time
 from collections.abc import Callable
@@ -24,6 +25,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from pipeline import progress
 from train import distributed
 from train.config import Config, Interrupted, TrainingError
 from train.losses import PixelLoss
@@ -159,12 +161,21 @@ class Stopper:
     Another SIGTERM changes nothing: a scheduler and a launcher both send one (SLURM signals
     every process of the job step, and torchrun passes its own on to its workers), and the
     second must not kill the run in the middle of the save the first one asked for.
+
+    With `announce` (rank 0) the first signal is acknowledged at once on stderr: a CPU step
+    can take minutes, and a run that seems to ignore its signal gets killed outright.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, announce: bool = False) -> None:
         self.signum: int | None = None
+        self.announce = announce
 
     def _handle(self, signum, frame) -> None:
+        if self.announce and self.signum is None:
+            again = " (Ctrl-C again quits at once, unsaved)" if signum == signal.SIGINT else ""
+            # os.write: safe in a handler, even while tqdm holds its lock mid-line
+            os.write(2, f"\n{signal.Signals(signum).name}: stopping after the step in "
+                        f"progress, then saving the checkpoint{again}\n".encode())
         self.signum = self.signum or signum
         if signum == signal.SIGINT:
             signal.signal(signum, self._previous[signum])
@@ -211,6 +222,7 @@ class RunState:
 
     epoch: int = 0  # epochs finished
     step: int = 0  # optimizer steps taken
+    session_steps: int = 0  # steps taken by this process (not saved: the next one starts at 0)
     elapsed: float = 0.0  # seconds of training and evaluation, for --time-limit
     total_steps: int = 0  # of the LR schedule
     best_miou: float = -1.0
@@ -231,14 +243,24 @@ class EpochEnd(Enum):
 
 class TrainLog:
     """The progress bar and TensorBoard's per-step scalars, fed at each sync (rank 0 alone
-    shows and writes), so that the epoch loop itself only trains."""
+    shows and writes), so that the epoch loop itself only trains. On a terminal the bar is
+    redrawn; in a log file it is a line every pipeline.progress.LOG_INTERVAL_S seconds."""
 
     def __init__(self, cfg: Config, dist: distributed.Dist, state: RunState, done: int,
                  total: int, writer=None) -> None:
         self.writer = writer
-        self.bar = tqdm(total=total, initial=done, disable=not (cfg.progress and dist.is_main),
-                        desc=f"epoch {state.epoch + 1}/{cfg.epochs}", dynamic_ncols=True,
-                        leave=False)
+        self.main = dist.is_main
+        self.bar = progress.bar(total=total, initial=done,
+                                disable=not (cfg.progress and dist.is_main),
+                                desc=f"epoch {state.epoch + 1}/{cfg.epochs}", unit="step",
+                                dynamic_ncols=True, leave=False)
+
+    def startup(self, seconds: float) -> None:
+        """Said once a session: the first batch's wait, the loader's workers starting up,
+        which is left out of the data wait (it is no sign of a slow loader)."""
+        if self.main:
+            tqdm.write(f"loader: first batch after {seconds:.1f} s (its workers starting up; "
+                       "left out of the data wait)")
 
     def steps(self, first: int, losses: list[float], lrs: list[float], images: int,
               seconds: float, sums: EpochState) -> None:
@@ -247,11 +269,12 @@ class TrainLog:
             for i, (value, lr) in enumerate(zip(losses, lrs)):
                 self.writer.add_scalar("train/loss", value, first + i + 1)
                 self.writer.add_scalar("train/lr", lr, first + i + 1)
-        self.bar.update(len(losses))
-        if losses:
+        if losses:  # set first, drawn by the update (a log file gets a line per interval)
             self.bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{lrs[-1]:.2e}",
-                                 img_s=f"{images / max(seconds, 1e-9):.1f}",
-                                 wait=f"{sums.summary()['data_wait_fraction']:.0%}")
+                                 img_s=f"{images / max(seconds, 1e-9):.3g}",
+                                 wait=f"{sums.summary()['data_wait_fraction']:.0%}",
+                                 refresh=False)
+        self.bar.update(len(losses))
 
     def close(self) -> None:
         self.bar.close()
@@ -275,6 +298,10 @@ class StepLog:
 
     def __len__(self) -> int:
         return len(self.losses)
+
+    def exclude(self, seconds: float) -> None:
+        """Leave `seconds` just spent out of this window's step time (not of the clock)."""
+        self.start += seconds
 
     def add(self, loss: torch.Tensor, lr: float, images: int, wait: float) -> None:
         self.losses.append(loss)
@@ -370,7 +397,11 @@ def train_one_epoch(model: nn.Module, loader, criterion: nn.Module,
             except StopIteration:
                 return EpochEnd.DONE
             waited = time.perf_counter() - tick
-            if marker is not None and not marker.query():
+            if state.session_steps == 0:  # the loader's workers starting: not data wait
+                window.exclude(waited)
+                log.startup(waited)
+                waited = 0.0
+            elif marker is not None and not marker.query():
                 waited = 0.0  # the last step still runs: blocked on launches, not on data
             time_fraction = state.elapsed / cfg.time_limit if cfg.time_limit else 0.0
             lr = lr0 * lr_factor(state.step, state.total_steps, cfg.warmup, time_fraction)
@@ -382,6 +413,7 @@ def train_one_epoch(model: nn.Module, loader, criterion: nn.Module,
                 marker.record()
             done += 1
             state.step += 1
+            state.session_steps += 1
             window.add(loss, lr, batch["label"].shape[0] * dist.world_size, waited)
             reason_to_stop = solo and (stopper.signum is not None or (
                 cfg.time_limit is not None and window.local_elapsed() >= cfg.time_limit))

@@ -49,8 +49,8 @@ def write_results(out: Path, metrics: dict, classes: list[str], palette=None) ->
 
 
 def inference_record(inference: Inference, amp: str, size: tuple[int, int]) -> dict:
-    """metrics.json's "inference": the settings, and the (H, W) the model sees at scale 1."""
-    return {**inference.to_json(), "amp": amp, "model_size": [int(size[0]), int(size[1])]}
+    """metrics.json's "inference": the settings, and the size the model sees at scale 1."""
+    return {**inference.to_json(), "amp": amp, "model_size": sizes.to_file(size)}
 
 
 def shard_forward(model, inference: Inference, amp: str):
@@ -106,6 +106,35 @@ def final_evaluation(model, loader, criterion, *, cfg, dist, inference: Inferenc
     return metrics
 
 
+def scores_text(metrics: dict) -> str:
+    """The four official scores and pixel accuracy on one line ('n/a' where not measured)."""
+    def fmt(v):
+        return "n/a" if v is None else f"{v:.4f}"
+
+    return (f"mIoU {fmt(metrics['miou'])}, iIoU {fmt(metrics.get('iiou'))}, category mIoU "
+            f"{fmt(metrics.get('category_miou'))}, category iIoU "
+            f"{fmt(metrics.get('category_iiou'))}, pixel acc {fmt(metrics['pixel_acc'])}")
+
+
+def said(metrics: dict, folder: Path) -> str:
+    """What `fit` says of its final evaluation: how it ran, its scores, where they are."""
+    s = metrics["inference"]
+    how = s["mode"]
+    if s["mode"] == "slide":
+        how += f" {sizes.text(sizes.from_file(s['window']))} (HxW)"
+    if s["scales"] != [1.0]:
+        how += f", scales {','.join(f'{v:g}' for v in s['scales'])}"
+    if s["flip"]:
+        how += ", flip"
+    text = (f"final evaluation ({metrics['split']}, {metrics['images']} images at "
+            f"{metrics['resolution']} resolution, {how}): {scores_text(metrics)}; wrote "
+            f"{Path(folder) / 'metrics.json'}, confusion.png, iou.png")
+    if metrics["resolution"] == "shard":
+        text += ("\n(iIoU needs the originals' instance ids: `citytrain evaluate --checkpoint "
+                 f"{metrics['checkpoint']} --datadir CITYSCAPES` gives all four scores)")
+    return text
+
+
 def format_metrics(metrics: dict) -> str:
     """The terminal summary: per-class IoU and iIoU, per-category, then the four scores."""
     def fmt(v):
@@ -119,9 +148,7 @@ def format_metrics(metrics: dict) -> str:
               f"{fmt(cat_inst[name]) if name in cat_inst else ''}".rstrip()
               for name, v in metrics["category_iou"].items()]
     lines.append(f"{metrics['split']} ({metrics['resolution']} resolution, {metrics['images']} "
-                 f"images): mIoU {fmt(metrics['miou'])}, iIoU {fmt(metrics.get('iiou'))}, "
-                 f"category mIoU {fmt(metrics.get('category_miou'))}, category iIoU "
-                 f"{fmt(metrics.get('category_iiou'))}, pixel acc {fmt(metrics['pixel_acc'])}")
+                 f"images): {scores_text(metrics)}")
     if metrics["resolution"] == "shard":
         lines.append("(iIoU needs the instance ids of the originals: evaluate with --datadir)")
     elif metrics.get("iiou") is None and not inst:
@@ -132,12 +159,38 @@ def format_metrics(metrics: dict) -> str:
     return "\n".join(lines)
 
 
-def default_out(checkpoint: Path, split: str) -> Path:
-    """RUN/eval-SPLIT beside RUN/checkpoints/, else beside the checkpoint file."""
+class EvaluationError(RuntimeError):
+    """An evaluation that would replace an earlier one's files; the message names them."""
+
+
+def default_out(checkpoint: Path, split: str, inference: Inference, full: bool) -> Path:
+    """Where `citytrain evaluate` writes unless told: beside RUN/checkpoints/ (else beside the
+    checkpoint file) a folder named by what was scored and how, so that no two evaluations
+    share one: RUN/eval-val-best-whole, RUN/eval-val-last-full-slide-ms-flip, ... (fit's own
+    final evaluation is RUN/eval-val)."""
     checkpoint = Path(checkpoint)
     run = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" \
         else checkpoint.parent
-    return run / f"eval-{split}"
+    scales = inference.scales
+    parts = [split, checkpoint.stem, *(["full"] if full else []), inference.mode,
+             *([] if scales == (1.0,) else [f"x{scales[0]:g}"] if len(scales) == 1 else ["ms"]),
+             *(["flip"] if inference.flip else [])]
+    return run / "-".join(["eval", *parts])
+
+
+def refuse_overwrite(out: Path | None, export_official: Path | None, submit: Path | None) \
+        -> None:
+    """Nothing an earlier evaluation wrote is replaced without --overwrite."""
+    def refuse(what: Path, option: str) -> None:
+        raise EvaluationError(f"{what}: already there, from an earlier evaluation; pass "
+                              f"--overwrite to replace it, or another {option}")
+
+    if submit is not None and Path(submit).exists():
+        refuse(Path(submit), "--submit ZIP")
+    if export_official is not None and any(Path(export_official).glob("*_pred.png")):
+        refuse(Path(export_official), "--export-official DIR")
+    if out is not None and (Path(out) / "metrics.json").exists():
+        refuse(Path(out) / "metrics.json", "--out DIR")
 
 
 def _benchmark_classes(mapping, checkpoint: Path) -> None:
@@ -159,9 +212,13 @@ def evaluate_checkpoint(checkpoint: Path, *, data: Path | None, split: str, out:
                         datadir: Path | None, export_official: Path | None,
                         submit: Path | None, inference: Inference, batch_size: int = 4,
                         amp: str = "off", device: str = "auto", workers: int | None = None,
-                        backend: str = "auto", echo=print) -> dict | None:
+                        backend: str = "auto", overwrite: bool = False,
+                        echo=print) -> dict | None:
     """The whole of `citytrain evaluate` (any number of ranks): the metrics written, or None
-    for a submission. Shards at `data`, originals at `datadir`; see the module doc."""
+    for a submission. Shards at `data`, originals at `datadir`; see the module doc. Results
+    go to `out` (default: `default_out`); files of an earlier evaluation there are an
+    EvaluationError unless `overwrite`."""
+    from pipeline.cityscapes import DatasetError, check_root, tree_parts
     from pipeline.loader import build_loader
     from pipeline.shards import load_manifest
     from train import distributed
@@ -170,6 +227,7 @@ def evaluate_checkpoint(checkpoint: Path, *, data: Path | None, split: str, out:
         check_classes,
         load_checkpoint,
         model_from_checkpoint,
+        training_crop,
     )
     from train.export import as_mapping, evaluate_full_resolution, write_submission
     from train.losses import build_loss
@@ -183,17 +241,22 @@ def evaluate_checkpoint(checkpoint: Path, *, data: Path | None, split: str, out:
     if datadir is not None and mapping is None:
         raise CheckpointError(f"{checkpoint}: holds no label mapping; pass --data with the "
                               "shards it was trained on")
+    if datadir is not None:
+        check_root(datadir)  # shards given as --datadir: say so before anything else
     if submit is not None:
         mapping = as_mapping(mapping)
         _benchmark_classes(mapping, checkpoint)
-    elif datadir is not None and not (Path(datadir) / "gtFine" / split).is_dir():
-        from pipeline.cityscapes import DatasetError
-
+    elif datadir is not None and not (Path(datadir) / "gtFine" / split).is_dir() and \
+            not any(part.endswith(".zip") for part in tree_parts(datadir)):  # (zips: read)
         raise DatasetError(f"{Path(datadir) / 'gtFine' / split}: no labels to score the "
                            f"{split} split against; to predict it for the benchmark server, "
                            "pass --submit results.zip")
-    out = default_out(checkpoint, split) if out is None else Path(out)
-    h, w = sizes.from_wh(state["size"])  # the training shards' size: the scale the model sees
+    h, w = sizes.from_file(state["size"])  # the training shards' size: the scale the model sees
+    inference = inference.for_model((h, w), training_crop(state))
+    if out is None:
+        out = default_out(checkpoint, split, inference, full=datadir is not None)
+    if not overwrite:  # before any work, on every rank alike
+        refuse_overwrite(None if submit is not None else Path(out), export_official, submit)
     dist = distributed.setup(device)
     try:
         model = model_from_checkpoint(state, checkpoint, dist.device)

@@ -14,6 +14,7 @@ import random
 import signal
 import time
 from collections.abc import Iterable
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from tqdm import tqdm
 
 from pipeline import sizes
 from pipeline.loader import build_loader
-from pipeline.shards import load_manifest, sweep_temporaries
+from pipeline.shards import MANIFEST_NAME, load_manifest, sweep_temporaries
 from train import distributed, evaluation, preflight
 from train.checkpoint import (
     CheckpointWriter,
@@ -54,6 +55,7 @@ from train.engine import (
     load_optimizer_state,
     train_one_epoch,
 )
+from train.inference import Inference, InferenceError
 from train.losses import build_loss, class_weights_from_pixels, output_channels
 from train.models import ModelError, model_from_config
 from train.rundir import RunDir
@@ -140,12 +142,19 @@ def _fit(cfg: Config, dist: distributed.Dist, saved: dict | None = None) -> dict
 
     # model: its weights from a checkpoint (resume, --init) or its own (pretrained or fresh)
     manifest = load_manifest(Path(cfg.data))
+    final_inference = _against_shards(cfg, manifest, final_inference)
     try:
         model = model_from_config(cfg, output_channels(cfg.losstype, len(manifest["classes"])),
                                   pretrained=saved is None and not cfg.init)
     except ModelError as e:
         raise TrainingError(str(e)) from None
     arch = dict(model.config)
+    if saved is not None and _finished(RunState(epoch=saved["epoch"], elapsed=saved["elapsed"]),
+                                       cfg):  # nothing to train: say so, and its best
+        check_arch(saved, arch, last_path)  # (another model given is refused all the same)
+        if dist.is_main:
+            tqdm.write(_finished_text(out, saved["epoch"], cfg))
+        return dict(saved.get("metrics") or {})
     init = None
     if cfg.init and saved is not None:  # the run's own weights follow; --init is its past
         init = RunDir.recorded(out, "init")
@@ -167,7 +176,7 @@ def _fit(cfg: Config, dist: distributed.Dist, saved: dict | None = None) -> dict
                   std=std, device=dist.device, workers=cfg.workers,
                   channels_last=cfg.channels_last, backend=cfg.backend)
     train_loader = build_loader(cfg.data, cfg.train_split, cfg.batch_size, train=True,
-                                crop=cfg.crop or sizes.from_wh(manifest["config"]["size"]),
+                                crop=cfg.crop or sizes.from_file(manifest["config"]["size"]),
                                 scale=cfg.scale, flip=cfg.flip, jitter=cfg.jitter, **common)
     if len(train_loader) == 0:
         raise TrainingError(f"{cfg.data}: the {cfg.train_split} split has "
@@ -184,6 +193,8 @@ def _fit(cfg: Config, dist: distributed.Dist, saved: dict | None = None) -> dict
         with torch.random.fork_rng(devices=[dist.device] if dist.device.type == "cuda" else []):
             memory = preflight.check_fits(cfg, dist, len(classes), train_loader.aug.crop,
                                           train_loader.workers, train_loader.backend)
+        if dist.is_main and memory.get("step_s", 0.0) >= preflight.SLOW_STEP_S:
+            tqdm.write(preflight.time_estimate(memory["step_s"], len(train_loader), cfg))
         if cfg.preflight_only:
             tqdm.write(f"preflight: one step needs about {memory['step_gb']:.1f} GB per process, "
                        f"{memory['total_gb']:.1f} GB in all, of {memory['budget_gb']:.1f} GB: "
@@ -206,7 +217,7 @@ def _fit(cfg: Config, dist: distributed.Dist, saved: dict | None = None) -> dict
              "normalization": norm["normalization"], "shards_mean": list(manifest["mean"]),
              "shards_std": list(manifest["std"]), "losstype": cfg.losstype,
              "ignore_index": int(train_loader.ignore_index),
-             "size": list(manifest["config"]["size"]),
+             "size": sizes.to_file(sizes.from_file(manifest["config"]["size"])),
              "mapping": manifest["config"].get("mapping_def")}
     state = RunState(total_steps=cfg.epochs * len(train_loader))
     if saved is not None:
@@ -221,8 +232,8 @@ def _fit(cfg: Config, dist: distributed.Dist, saved: dict | None = None) -> dict
         state.best_miou, state.epoch_sums = saved["best_miou"], EpochState(**saved["epoch_state"])
         _resume_loader(train_loader, saved["loader"], state, last_path)
         if dist.is_main:
-            tqdm.write(f"resuming {last_path}: epoch {state.epoch}, step {state.step}"
-                       + _restarts(dist))
+            tqdm.write(f"resuming {last_path} at step {state.step}: "
+                       + _where(state, cfg, train_loader) + _restarts(dist))
 
     train_model = model
     if dist.distributed:
@@ -249,6 +260,7 @@ def _fit(cfg: Config, dist: distributed.Dist, saved: dict | None = None) -> dict
         "init": init,
     })
     parts = Parts(model, optimizer, scaler, train_loader, about)
+    rundir.set_status("running", None, state, cfg.epochs)
     writer = CheckpointWriter()
 
     def save_step() -> None:  # rank 0, every --save-every steps (train/engine.py)
@@ -259,8 +271,10 @@ def _fit(cfg: Config, dist: distributed.Dist, saved: dict | None = None) -> dict
     row: dict = {}
     loaders = [x for x in (train_loader, val_loader) if x is not None]
     scores = None
+    outcome = ("stopped", "error")  # until the run says otherwise
+    end = None
     try:
-        with Stopper().installed() as stopper:
+        with Stopper(announce=dist.is_main).installed() as stopper:
             for epoch in range(state.epoch, cfg.epochs):
                 end = train_one_epoch(train_model, train_loader, criterion, optimizer, scaler,
                                       cfg=cfg, dist=dist, state=state, stopper=stopper,
@@ -270,10 +284,9 @@ def _fit(cfg: Config, dist: distributed.Dist, saved: dict | None = None) -> dict
                     if dist.is_main:
                         writer.save(parts.checkpoint(state, cfg, dist, None), last_path,
                                     wait=True)
-                    name = signal.Signals(stopper.signum).name if stopper.signum else "signal"
-                    raise Interrupted(f"stopped by {name} at epoch {epoch + 1}, step "
-                                      f"{state.step}; saved {last_path}; continue with "
-                                      "--resume", stopper.signum or signal.SIGTERM)
+                    outcome = ("stopped", _signal_name(stopper.signum))
+                    raise Interrupted(_stopped_text(stopper.signum, state, cfg, train_loader,
+                                                    last_path), stopper.signum or signal.SIGTERM)
                 final = end is EpochEnd.TIME or epoch + 1 == cfg.epochs or state.time_up(cfg)
                 row = {"epoch": epoch + 1, "step": state.step,
                        "lr": optimizer.param_groups[0]["lr"], **state.epoch_sums.summary()}
@@ -305,17 +318,38 @@ def _fit(cfg: Config, dist: distributed.Dist, saved: dict | None = None) -> dict
                     paths = (best_path, last_path) if is_best else (last_path,)
                     writer.save(parts.checkpoint(state, cfg, dist, row), *paths)
                     tqdm.write(_summary(row, cfg.epochs))
+                    rundir.set_status("running", None, state, cfg.epochs)
+                # a signal during the epoch's last step or its validation: stop here, on
+                # every rank, rather than a step (or the final evaluation) later
+                signum = _agreed_signal(stopper, state, dist)
+                if signum:
+                    outcome = ("stopped", _signal_name(signum))
+                    raise Interrupted(_stopped_text(signum, state, cfg, train_loader,
+                                                    last_path), signum)
                 if final or state.time_up(cfg):
                     break
+        why = "time limit" if state.time_up(cfg) or end is EpochEnd.TIME else "epochs"
+        final_metrics = None
         if val_loader is not None and row:
-            evaluation.final_evaluation(eval_model, val_loader, criterion, cfg=cfg, dist=dist,
-                                        inference=final_inference, scores=scores,
-                                        classes=classes, categories=categories,
-                                        checkpoint=last_path)
+            with _stop_at_once(last_path, cfg.data):
+                final_metrics = evaluation.final_evaluation(
+                    eval_model, val_loader, criterion, cfg=cfg, dist=dist,
+                    inference=final_inference, scores=scores, classes=classes,
+                    categories=categories, checkpoint=last_path)
+        outcome = ("done", why)
+        if dist.is_main:
+            if final_metrics is not None:
+                tqdm.write(evaluation.said(final_metrics, Path(cfg.out) / "eval-val"))
+            tqdm.write(_done_text(out, why, state, cfg, rundir.best))
+    except BaseException as e:
+        if outcome[1] == "error":
+            outcome = ("stopped", _failure(e))
+        raise
     finally:
         try:
             writer.close()  # the last checkpoint is on disk before fit returns or raises
         finally:
+            rundir.set_status(*outcome, state, cfg.epochs)
             for loader in loaders:
                 loader.close()
             rundir.close()
@@ -349,6 +383,25 @@ class Parts:
         }
 
 
+def _against_shards(cfg: Config, manifest: dict, final: Inference) -> Inference:
+    """The run folder, the crop and the final evaluation's window against the shards, before
+    any training: --out must not be the shards, a size turned on its side is refused, slide's
+    window defaults to the crop."""
+    if (Path(cfg.out) / MANIFEST_NAME).is_file():
+        raise TrainingError(f"--out {cfg.out} holds shards ({MANIFEST_NAME}): a run needs a "
+                            "folder of its own, e.g. --out runs/NAME")
+    shards = sizes.from_file(manifest["config"]["size"])
+    if cfg.crop:
+        try:
+            sizes.check_aspect("--crop", cfg.crop, "HxW", shards, f"the shards of {cfg.data}")
+        except ValueError as e:
+            raise TrainingError(str(e)) from None
+    try:
+        return final.for_model(shards, cfg.crop)
+    except InferenceError as e:
+        raise TrainingError(str(e).replace("--", "--eval-")) from None
+
+
 def _resume_loader(loader, position: dict, state: RunState, path: Path) -> None:
     """Put the train loader where the checkpoint stopped, with any number of processes.
 
@@ -377,6 +430,100 @@ def _restarts(dist: distributed.Dist) -> str:
     if not dist.restart_count:
         return ""
     return f" (torchrun restart {dist.restart_count} of at most {dist.max_restarts})"
+
+
+def _failure(e: BaseException) -> str:
+    """status.json's reason for a run that raised `e`."""
+    if isinstance(e, Interrupted):
+        return _signal_name(e.signum)
+    if isinstance(e, KeyboardInterrupt):
+        return "interrupted"
+    first = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return f"error: {first}"
+
+
+@contextmanager
+def _stop_at_once(last_path: Path, data: str):
+    """During the final evaluation, with training over and saved, SIGTERM or SIGINT stops at
+    once, saying what was skipped and how to run it."""
+    def stop(signum, frame):
+        raise Interrupted(f"stopped by {_signal_name(signum)} during the final evaluation; "
+                          f"training is over and saved in {last_path}: score it with "
+                          f"`citytrain evaluate --checkpoint {last_path} --data {data}`", signum)
+
+    try:
+        previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    except ValueError:  # not the main thread: signals stay with whoever owns them
+        previous = {}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _finished(state: RunState, cfg: Config) -> bool:
+    return state.epoch >= cfg.epochs or state.time_up(cfg)
+
+
+def _where(state: RunState, cfg: Config, loader) -> str:
+    """The epoch in progress, as the bar, metrics.csv and every message number it (from 1)."""
+    batch = loader.position.batch
+    inside = f", batch {batch}/{len(loader)}" if 0 < batch < len(loader) else ""
+    return f"epoch {state.epoch + 1}/{cfg.epochs}{inside} ({state.epoch} done)"
+
+
+def _signal_name(signum: int | None) -> str:
+    return signal.Signals(signum).name if signum else "a signal"
+
+
+def _agreed_signal(stopper: Stopper, state: RunState, dist: distributed.Dist) -> int:
+    """The signal some rank got (0: none), the same on every rank: one all-reduce."""
+    mine = stopper.signum or (signal.SIGTERM if state.stop else 0)
+    if not dist.distributed:
+        return int(mine)
+    flag = torch.tensor([float(mine)], dtype=torch.float64, device=dist.device)
+    return int(distributed.all_reduce_max(flag).item())
+
+
+def _stopped_text(signum: int | None, state: RunState, cfg: Config, loader,
+                  last_path: Path) -> str:
+    at = (f"in {_where(state, cfg, loader)}" if loader.position.batch % len(loader)
+          else f"after epoch {state.epoch}/{cfg.epochs}")
+    return (f"stopped by {_signal_name(signum)} {at}, step {state.step}, "
+            f"{_duration(state.elapsed)} in; saved {last_path}; continue with --resume")
+
+
+def _best_text(out: Path, best: tuple[float, int] | None) -> str:
+    if best is None:
+        return "no validation (no val split)"
+    return (f"best val mIoU {best[0]:.4f} at epoch {best[1]} "
+            f"({out / 'checkpoints' / 'best.pt'})")
+
+
+def _finished_text(out: Path, epoch: int, cfg: Config) -> str:
+    from train.rundir import best_of
+
+    by_time = epoch < cfg.epochs  # finished, and not by its epochs: by its time limit
+    spent = f"its --time-limit {cfg.time_limit:g} s is spent" if by_time else \
+        f"{epoch}/{cfg.epochs} epochs done"
+    more = "a larger --time-limit" if by_time else f"--epochs above {epoch}"
+    return (f"{out}: this run is finished ({spent}); {_best_text(out, best_of(out))}; "
+            f"nothing to train: resume with {more} to train on")
+
+
+def _done_text(out: Path, why: str, state: RunState, cfg: Config,
+               best: tuple[float, int] | None) -> str:
+    reason = f"--time-limit {cfg.time_limit:g} s reached" if why == "time limit" else \
+        f"{cfg.epochs} epochs"
+    return (f"done ({reason}): {state.epoch}/{cfg.epochs} epochs, step {state.step}, "
+            f"{_duration(state.elapsed)}; {_best_text(out, best)}")
+
+
+def _duration(seconds: float) -> str:
+    from train.rundir import duration
+
+    return duration(seconds)
 
 
 def _summary(row: dict, epochs: int) -> str:

@@ -5,10 +5,12 @@
 of `citytrain fit`. Sizes are (H, W) throughout.
 
 - whole: the model sees each image at once.
-- slide: windows of `window` every `stride`, as mmsegmentation's `slide_inference` lays them
-  out: the last window of a row or column is moved back to end at the image edge (no
-  padding), and a window larger than the image shrinks to it. Outputs are summed and divided
-  by how many windows cover each pixel. Windows of all images of the batch go through the
+- slide: windows of `window` (by default the training crop: `Inference.for_model`) every
+  `stride`, as mmsegmentation's `slide_inference` lays them out: the last window of a row or
+  column is moved back to end at the image edge (no padding), and a window larger than the
+  image shrinks to it (`for_model` refuses one that covers the image at every scale: that is
+  whole-image inference). Outputs are summed and divided by how many windows cover each
+  pixel. Windows of all images of the batch go through the
   model `max_windows` at a time, which bounds the memory.
 - scales, flip: each image is resized by every scale (bilinear; antialiased when shrinking)
   and, with flip, also mirrored; the outputs are mirrored back, resized to `out_size` and
@@ -22,11 +24,12 @@ mmsegmentation's TTA averages softmax probabilities instead; the argmax rarely d
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
 
+from pipeline import sizes
 from train.engine import autocast
 
 MODES = ("whole", "slide")
@@ -50,9 +53,7 @@ class Inference:
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise InferenceError(f"mode must be one of {', '.join(MODES)}, not {self.mode!r}")
-        if self.mode == "slide":
-            if self.window is None:
-                raise InferenceError("--mode slide needs --window HxW (e.g. 512x1024)")
+        if self.mode == "slide" and self.window is not None:
             if self.stride is None:  # mmsegmentation's 512x1024 recipe: stride 341x683
                 object.__setattr__(self, "stride", tuple(max(1, round(2 * v / 3))
                                                          for v in self.window))
@@ -62,19 +63,55 @@ class Inference:
                                      "left out")
             if min(*self.window, *self.stride) < 1:
                 raise InferenceError("--window and --stride need positive sizes")
-        elif self.window is not None or self.stride is not None:
+        elif self.mode == "whole" and (self.window is not None or self.stride is not None):
             raise InferenceError("--window and --stride need --mode slide")
         if not self.scales or min(self.scales) <= 0:
             raise InferenceError(f"--scales must be positive numbers, not {self.scales}")
         if self.max_windows < 1:
             raise InferenceError("--max-windows must be at least 1")
 
+    def for_model(self, size: tuple[int, int] | None,
+                  crop: tuple[int, int] | None) -> Inference:
+        """These settings for a model that sees images at `size` (H, W) at scale 1 (None: at
+        each image's own size) and was trained on crops of `crop` (None: whole images).
+
+        Slide's window defaults to the training crop, as mmsegmentation's recipes slide the
+        crop they trained on. A window turned on its side against the images, or one that
+        covers the whole image at every scale (sliding it is whole-image inference), is
+        refused, saying what to pass.
+        """
+        if self.mode != "slide":
+            return self
+        window = self.window or (tuple(int(v) for v in crop) if crop else None)
+        if window is None:
+            raise InferenceError("--mode slide needs --window HxW: the model was trained on "
+                                 "whole images, so there is no training crop to slide "
+                                 "(e.g. --window 512x1024)")
+        settings = replace(self, window=window)
+        if size is None:
+            return settings
+        try:
+            sizes.check_aspect("--window", window, "HxW", size, "the images the model sees")
+        except ValueError as e:
+            raise InferenceError(str(e)) from None
+        top = max(self.scales)
+        largest = (round(size[0] * top), round(size[1] * top))
+        if window[0] >= largest[0] and window[1] >= largest[1]:
+            at = f" at scale {top:g}" if top != 1 else ""
+            given = "" if self.window else " (the training crop, slide's default)"
+            raise InferenceError(
+                f"--window {sizes.text(window)}{given} covers the whole image the model sees "
+                f"({sizes.text(largest, 'WxH')} WxH, {sizes.text(largest)} HxW{at}): sliding "
+                f"it is whole-image inference; pass a smaller --window HxW or --mode whole")
+        return settings
+
     def to_json(self) -> dict:
-        """As recorded in metrics.json under "inference"; window and stride are [H, W]."""
+        """As recorded in metrics.json under "inference"; window and stride named
+        {"height", "width"} as every file names a size (pipeline/sizes.py)."""
         d = asdict(self)
         d["scales"] = list(self.scales)
         for key in ("window", "stride"):
-            d[key] = None if d[key] is None else list(d[key])
+            d[key] = None if d[key] is None else sizes.to_file(d[key])
         return d
 
     @property
@@ -162,6 +199,8 @@ def infer(model: torch.nn.Module, image: torch.Tensor, *, mode: str = "whole",
     `out_size` defaults to the images' own size. The model should be in eval mode.
     """
     settings = Inference(mode, window, stride, tuple(scales), flip, max_windows)
+    if settings.mode == "slide" and settings.window is None:
+        raise InferenceError("slide needs a window (Inference.for_model gives the default)")
     h, w = image.shape[-2:]
     out_size = (h, w) if out_size is None else tuple(out_size)
     total = None

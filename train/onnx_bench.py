@@ -68,7 +68,8 @@ def run_runtime_bench(*, sizes: tuple[tuple[int, int], ...] = SIZES, encoder: st
                 return session.run(None, {"image": image})[0]
 
             diff = float((torch_run() - torch.from_numpy(ort_run())).abs().max())
-            rows.append({"size": list(size), "torch_images_per_s": _rate(torch_run, images, warmup),
+            rows.append({"size": {"height": int(size[0]), "width": int(size[1])},  # as files
+                         "torch_images_per_s": _rate(torch_run, images, warmup),
                          "onnx_images_per_s": _rate(ort_run, images, warmup), "max_abs": diff})
     return {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
             "provider": session.get_providers()[0], "threads": threads, "encoder": encoder,
@@ -81,7 +82,7 @@ def format_runtime_report(r: dict) -> str:
              f"fp32, on {r['device']} ({r['threads']} threads), "
              f"{r['images']} images per row; onnxruntime {r['provider']}"]
     for row in r["rows"]:
-        h, w = row["size"]
+        h, w = row["size"]["height"], row["size"]["width"]
         lines.append(f"  {f'{w}x{h}':>9} (WxH)  PyTorch {row['torch_images_per_s']:7.3f} "
                      "images/s   "
                      f"onnxruntime {row['onnx_images_per_s']:7.3f} images/s   "

@@ -131,7 +131,7 @@ def metadata(state: dict, checkpoint: Path, output: str) -> dict[str, str]:
         "classes": list(state["classes"]), "palette": np.asarray(state["palette"]).tolist(),
         "mapping": state.get("mapping"), "ignore_index": state.get("ignore_index", 255),
         "mean": list(state["mean"]), "std": list(state["std"]), "losstype": state["losstype"],
-        "size": list(state["size"]), "arch": state.get("arch"),
+        "size": sizes.to_file(sizes.from_file(state["size"])), "arch": state.get("arch"),
         "checkpoint": Path(checkpoint).name, "epoch": state.get("epoch"),
         "step": state.get("step"),
     }
@@ -230,7 +230,7 @@ def export_onnx(checkpoint: Path, out: Path, *, argmax: bool = False,
     model = model_from_checkpoint(state, checkpoint, "cpu")
     loss = build_loss(state["losstype"], palette=state["palette"])
     mean, std = state["mean"], state["std"]
-    h, w = size or sizes.from_wh(state["size"])
+    h, w = size or sizes.from_file(state["size"])
     batches = check_images((max(h, 16), max(w, 32)))  # the smallest street synth draws
     out.parent.mkdir(parents=True, exist_ok=True)
     parity = Parity(atol=atol, min_identical=min_identical)

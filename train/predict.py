@@ -4,9 +4,12 @@ Each image is resized to the training shards' size (the scale the model learned)
 preprocessing resizes, run as the inference settings say (train/inference.py: whole or
 sliding windows, scales, flip), and the outputs are upsampled bilinearly to the image's own
 size before the argmax, so a mask always lies exactly on its image, as in full-resolution
-evaluation. Outputs: `<stem>_mask.png` and `<stem>_overlay.png`;
-for a folder given as input its subfolders are kept under `out`, so equal stems in
-different folders do not overwrite each other.
+evaluation. Outputs by `format`: "color" `<stem>_mask.png` (the palette's colours) and
+`<stem>_overlay.png`; "trainid" `<stem>_trainid.png`, the class ids (0..K-1) as grey
+values; "labelid" `<stem>_labelid.png`, the official labelIds (the mapping's `export_ids`,
+as `evaluate --export-official` writes them). For a folder given as input its subfolders are
+kept under `out` (Cityscapes' val: one folder per city), so equal stems in different
+folders do not overwrite each other.
 """
 
 from __future__ import annotations
@@ -20,10 +23,12 @@ from PIL import Image
 
 from pipeline.labels import colorize
 from pipeline.photometric import normalize
+from pipeline.shards import MANIFEST_NAME
 from train.losses import PixelLoss
 from train.visualize import overlay, write_png
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+FORMATS = ("color", "trainid", "labelid")
 
 
 class InputError(RuntimeError):
@@ -51,6 +56,10 @@ def find_images(inputs: list[Path], out: Path) -> list[tuple[Path, Path]]:
                 # a rerun into a folder inside the input must not predict its own masks
                 and not p.resolve().is_relative_to(out_dir)
             )
+            if not files and (inp / MANIFEST_NAME).is_file():
+                raise InputError(f"{inp}: holds shards, not images: predict reads image files "
+                                 f"({'/'.join(IMAGE_SUFFIXES)}); `citytrain evaluate --data "
+                                 f"{inp}` scores shards")
             if not files:
                 raise InputError(f"{inp}: no {'/'.join(IMAGE_SUFFIXES)} images in this folder")
             found += [(p, p.relative_to(inp).parent / p.stem) for p in files]
@@ -101,14 +110,22 @@ def predict_paths(
     size: tuple[int, int] | None = None,
     inference=None,
     amp: str = "off",
+    format: str = "color",
+    mapping=None,
 ) -> list[Path]:
     """Predict every image in `inputs` (files or folders); returns the PNGs written.
 
     `loss` is the model's (`build_loss(losstype, palette=...)`): its `predict` reads the
     outputs and its palette colours the masks. `size` is (H, W) of the training shards; None
     predicts at each image's own size.
-    `inference` (train.inference.Inference) sets windows, scales and flip.
+    `inference` (train.inference.Inference) sets windows, scales and flip. `format` (FORMATS)
+    chooses the PNGs; "labelid" needs the checkpoint's `mapping` (pipeline.labels.Mapping).
     """
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {', '.join(FORMATS)}, not {format!r}")
+    if format == "labelid" and mapping is None:
+        raise InputError("--format labelid needs the label mapping, which this checkpoint "
+                         "does not hold; use --format trainid")
     out = Path(out)
     images = find_images(inputs, out)
     written: list[Path] = []
@@ -119,9 +136,14 @@ def predict_paths(
             image = load_rgb(path)
             pred = predict_image(model, image, mean=mean, std=std, loss=loss, device=device,
                                  size=size, inference=inference, amp=amp)
-            mask = colorize(pred, loss.palette)
-            written.append(write_png(out / f"{stem}_mask.png", mask))
-            written.append(write_png(out / f"{stem}_overlay.png", overlay(image, mask)))
+            if format == "trainid":
+                written.append(write_png(out / f"{stem}_trainid.png", pred))
+            elif format == "labelid":
+                written.append(write_png(out / f"{stem}_labelid.png", mapping.export_ids[pred]))
+            else:
+                mask = colorize(pred, loss.palette)
+                written.append(write_png(out / f"{stem}_mask.png", mask))
+                written.append(write_png(out / f"{stem}_overlay.png", overlay(image, mask)))
     finally:
         model.train(was_training)
     return written

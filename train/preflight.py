@@ -23,6 +23,7 @@ import ctypes
 import gc
 import math
 import resource
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -181,6 +182,53 @@ def _crop_that_fits(estimate: Estimate, budget: float, batch: int, crop: tuple[i
     return (h, w) if h >= multiple and w >= multiple else None
 
 
+SLOW_STEP_S = 1.0  # a CPU step this slow gets its run's duration estimated before it starts
+
+
+def step_seconds(cfg: Config, num_classes: int, crop: tuple[int, int],
+                 device: torch.device) -> float:
+    """How long one training step of `cfg` takes on the CPU: a step of a throwaway model at
+    the configured batch and crop, timed. A model's first step carries a second or two of
+    fixed costs (memory, kernel choices); where that would weigh, a second step is timed."""
+    model = model_from_config(cfg, output_channels(cfg.losstype, num_classes),
+                              pretrained=False).to(device).train()
+    optimizer = build_optimizer(model, cfg)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
+    criterion = build_loss(cfg.losstype, palette=[[0, 0, 0]] * num_classes).to(device)
+    fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    model = model.to(memory_format=fmt)
+    data = {"image": torch.randn(cfg.batch_size, 3, *crop, device=device).contiguous(
+                memory_format=fmt),
+            "label": torch.zeros(cfg.batch_size, *crop, dtype=torch.long, device=device)}
+    for _ in range(2):
+        tick = time.perf_counter()
+        train_step(model, data, criterion, optimizer, scaler, amp=cfg.amp)
+        seconds = time.perf_counter() - tick
+        if seconds >= 10 * SLOW_STEP_S:  # the fixed costs are noise at this scale
+            break
+    del model, optimizer, data
+    gc.collect()
+    _malloc_trim()
+    return seconds
+
+
+def time_estimate(step_s: float, steps_per_epoch: int, cfg: Config) -> str:
+    """What a slow CPU run will take, from `step_seconds` (`check_fits`' step_s)."""
+    from train.rundir import duration
+
+    epoch = step_s * steps_per_epoch
+    text = (f"preflight: on the CPU one step (batch {cfg.batch_size}) takes about "
+            f"{duration(step_s)} (timed): about {duration(epoch)} per epoch of "
+            f"{steps_per_epoch} steps, {duration(epoch * cfg.epochs)} for {cfg.epochs} epochs")
+    if cfg.time_limit is not None:
+        steps = max(1, int(cfg.time_limit // step_s))
+        text += (f"; --time-limit {cfg.time_limit:g} s stops it after about {steps} "
+                 f"step{'s' if steps > 1 else ''}")
+    faster = ["a GPU", *(["--amp bf16"] if cfg.amp == "off" else []),
+              "a smaller --crop, --batch-size or model"]
+    return f"{text}. Faster: {', '.join(faster)}"
+
+
 def check_fits(cfg: Config, dist: distributed.Dist, num_classes: int, crop: tuple[int, int],
                workers: int, backend: str, memory: HostMemory | GpuMemory | None = None) \
         -> dict:
@@ -191,7 +239,9 @@ def check_fits(cfg: Config, dist: distributed.Dist, num_classes: int, crop: tupl
     distributed.barrier()
     budget, where, ranks = memory.budget(dist)
     distributed.barrier()  # every rank has looked before any probe allocates
+    tick = time.perf_counter()
     estimate = probe(cfg, num_classes, crop, dist.device, memory)
+    probe_s = time.perf_counter() - tick
     # the ranks agree on one set of figures (the largest need, the smallest budget), so they
     # take one decision and rank 0's message is every rank's
     agreed = torch.tensor([estimate.fixed, estimate.per_pixel, -budget], dtype=torch.float64)
@@ -204,6 +254,11 @@ def check_fits(cfg: Config, dist: distributed.Dist, num_classes: int, crop: tupl
     figures = {"step_gb": step / GB, "total_gb": total / GB, "budget_gb": budget / GB,
                "per_pixel_bytes": estimate.per_pixel, "fixed_gb": estimate.fixed / GB}
     if total <= budget:
+        if not gpu and probe_s * cfg.batch_size * 4 / 3 >= SLOW_STEP_S:
+            # The probes ran 3/4 of an image's pixels; scaled to the batch their time bounds
+            # a step's from above (small steps are mostly fixed costs). A run whose step may
+            # be this slow is worth one real step, timed: it fits, as just measured.
+            figures["step_s"] = step_seconds(cfg, num_classes, crop, dist.device)
         return figures
     per_rank = (budget - workers_bytes) / ranks
     hints = []
@@ -225,7 +280,7 @@ def check_fits(cfg: Config, dist: distributed.Dist, num_classes: int, crop: tupl
     who = f"{ranks} processes on this host" if ranks > 1 else "this process"
     raise AgreedError(
         f"not enough memory: one training step at batch {cfg.batch_size}, crop "
-        f"{crop[0]}x{crop[1]}, " + (f"width {cfg.width}" if plain else cfg.encoder)
+        f"{crop[0]}x{crop[1]} (HxW), " + (f"width {cfg.width}" if plain else cfg.encoder)
         + f", --amp {cfg.amp} needs about {step / GB:.1f} "
         f"GB per process, {total / GB:.1f} GB for {who}"
         + (" with their loader workers" if workers_bytes else "")

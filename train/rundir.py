@@ -1,10 +1,12 @@
-"""The run directory (`citytrain fit --out RUN`), written by rank 0 alone.
+"""The run directory (`citytrain fit --out RUN`), written by rank 0 alone, and the table of
+runs (`citytrain runs`) read from it.
 
     config.json      every setting, the shards' manifest config, versions
+    status.json      running, stopped or done, why, how far, the best epoch (set_status)
     metrics.csv      one row per epoch (METRICS_COLUMNS)
     events.*         TensorBoard scalars: train loss/lr per step, val scores per epoch;
                      images: the val confusion matrix and per-class IoU at each validation
-    checkpoints/     last.pt, best.pt (train/checkpoint.py)
+    checkpoints/     last.pt, best.pt (train/checkpoint.py); `--checkpoint RUN` is best.pt
     predictions/epoch_{e:03d}/val.png   image | ground truth | prediction
 """
 
@@ -13,15 +15,89 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import platform
+import socket
 import sys
+import time
 from importlib import metadata
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from pipeline import sizes
 from pipeline.shards import atomic_write_bytes
+
+if TYPE_CHECKING:
+    from train.engine import RunState
 
 METRICS_COLUMNS = ("epoch", "step", "lr", "train_loss", "val_loss", "val_miou", "pixel_acc",
                    "images_per_s", "data_wait_fraction")
+STATUS = "status.json"
+STATES = ("running", "stopped", "done")
+
+
+def duration(seconds: float) -> str:
+    """4.2 -> '4s', 270 -> '4m30s', 7500 -> '2h05m'."""
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+def _best(rows: list[dict]) -> tuple[float, int] | None:
+    """(val mIoU, epoch) of the best validated row of metrics.csv, the first of equals."""
+    scored = [(float(r["val_miou"]), int(r["epoch"])) for r in rows if r.get("val_miou")]
+    return max(scored, key=lambda x: (x[0], -x[1])) if scored else None
+
+
+def best_of(run: Path) -> tuple[float, int] | None:
+    """(val mIoU, epoch) of a run's best validation, as its best.pt holds it; None without."""
+    path = Path(run) / "metrics.csv"
+    if not path.is_file():
+        return None
+    with open(path, newline="") as f:
+        return _best(list(csv.DictReader(f)))
+
+
+SIZE_SETTINGS = ("crop", "eval_window", "eval_stride")  # (H, W) in Config
+
+
+def named_sizes(config: dict) -> dict:
+    """config.json's sizes as every file writes them, {"height", "width"} (pipeline/sizes.py):
+    the settings' crop and windows, and the shards' size."""
+    config = dict(config)
+    if isinstance(config.get("config"), dict):
+        config["config"] = {k: sizes.to_file(v) if k in SIZE_SETTINGS and v is not None else v
+                            for k, v in config["config"].items()}
+    data = config.get("data")
+    if isinstance(data, dict) and isinstance(data.get("manifest_config"), dict):
+        manifest = dict(data["manifest_config"])
+        manifest["size"] = sizes.to_file(sizes.from_file(manifest["size"]))
+        config["data"] = {**data, "manifest_config": manifest}
+    return config
+
+
+def resolve_checkpoint(path: Path) -> Path:
+    """What `--checkpoint` names: a checkpoint file as it is, a run directory (or its
+    checkpoints/ folder) its best.pt; other folders are a CheckpointError saying what to pass."""
+    from train.checkpoint import CheckpointError
+
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    folder = path if path.name == "checkpoints" else path / "checkpoints"
+    if (folder / "best.pt").is_file():
+        return folder / "best.pt"
+    if (folder / "last.pt").is_file():
+        raise CheckpointError(f"{path}: a run without best.pt (no validation has scored it "
+                              f"yet); pass --checkpoint {folder / 'last.pt'}")
+    if (path / "manifest.json").is_file():
+        raise CheckpointError(f"{path}: a shard folder, not a run: pass it as --data, and as "
+                              "--checkpoint a run directory (its best.pt) or a .pt file")
+    raise CheckpointError(f"{path}: a folder without checkpoints/best.pt; pass a checkpoint "
+                          "file or a run directory (`citytrain fit --out`)")
 
 
 def versions() -> dict[str, str | None]:
@@ -54,6 +130,8 @@ class RunDir:
         self.metrics = self.out / "metrics.csv"
         self.writer = None
         self.palette = palette  # class colours of the IoU bars
+        self.best: tuple[float, int] | None = None  # (val mIoU, epoch), as best.pt
+        self.started = time.time()
         if not enabled:
             return
         (self.out / "checkpoints").mkdir(parents=True, exist_ok=True)
@@ -66,6 +144,7 @@ class RunDir:
         w.writeheader()
         w.writerows(rows)
         atomic_write_bytes(self.metrics, buf.getvalue().encode())
+        self.best = _best(rows)
         from torch.utils.tensorboard import SummaryWriter
 
         self.writer = SummaryWriter(log_dir=str(self.out), purge_step=resume_step)
@@ -80,7 +159,7 @@ class RunDir:
 
     def write_config(self, config: dict) -> None:
         if self.enabled:
-            config = {**config, "versions": versions(), "command": sys.argv}
+            config = {**named_sizes(config), "versions": versions(), "command": sys.argv}
             text = json.dumps(config, indent=1, default=str) + "\n"
             atomic_write_bytes(self.out / "config.json", text.encode())
 
@@ -91,6 +170,9 @@ class RunDir:
         with open(self.metrics, "a", newline="") as f:
             csv.DictWriter(f, fieldnames=METRICS_COLUMNS, lineterminator="\n").writerow(
                 {k: "" if row.get(k) is None else row[k] for k in METRICS_COLUMNS})
+        if row.get("val_miou") is not None and (self.best is None or
+                                                row["val_miou"] > self.best[0]):
+            self.best = (float(row["val_miou"]), int(row["epoch"]))
         step = row["step"]
         for key in ("train_loss", "images_per_s", "data_wait_fraction"):
             self.writer.add_scalar(f"epoch/{key}", row[key], step)
@@ -110,6 +192,22 @@ class RunDir:
                                   step, dataformats="HWC")
         self.writer.flush()
 
+    def set_status(self, state: str, reason: str | None, run: RunState, epochs: int) -> None:
+        """status.json: `state` (running, stopped, done) and why, how far the run is, its
+        best epoch, and which process on which host runs it (`citytrain runs` tells a run
+        killed outright from a running one by it)."""
+        if not self.enabled:
+            return
+        if state not in STATES:
+            raise ValueError(f"state must be one of {', '.join(STATES)}, not {state!r}")
+        status = {"state": state, "reason": reason, "epoch": run.epoch, "epochs": epochs,
+                  "step": run.step, "elapsed_s": round(run.elapsed, 3),
+                  "best_miou": self.best[0] if self.best else None,
+                  "best_epoch": self.best[1] if self.best else None,
+                  "pid": os.getpid(), "host": socket.gethostname(),
+                  "started": _iso(self.started), "updated": _iso(time.time())}
+        atomic_write_bytes(self.out / STATUS, (json.dumps(status, indent=1) + "\n").encode())
+
     def save_grid(self, epoch: int, kept: dict | None, *, mean, std, palette) -> Path | None:
         if not self.enabled or not kept:
             return None
@@ -123,3 +221,120 @@ class RunDir:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def _iso(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(t))
+
+
+# -- citytrain runs -----------------------------------------------------------------------------
+
+SCORES = ("miou", "iiou", "category_miou", "category_iiou")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        value = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: it exists
+        return True
+    return True
+
+
+def _state(run: Path, status: dict, config: dict) -> tuple[str, str | None, dict]:
+    """(state, why, progress) of a run: its status.json; for a run of an older version,
+    its last checkpoint against the epochs it was asked for."""
+    if status:
+        state, why = status.get("state", "stopped"), status.get("reason")
+        if state == "running" and status.get("host") == socket.gethostname() and \
+                not _alive(int(status.get("pid", 0))):
+            state, why = "stopped", "killed (its process is gone)"
+        elif state == "running" and status.get("host") != socket.gethostname():
+            why = f"on {status.get('host')}"
+        return state, why, status
+    last = run / "checkpoints" / "last.pt"
+    if not last.is_file():
+        return "stopped", "no checkpoint", {}
+    import torch
+
+    try:  # mmap: only the small values are read, not the weights
+        ckpt = torch.load(last, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - a table of runs shows what it can
+        return "stopped", "unreadable last.pt", {}
+    progress = {"epoch": ckpt.get("epoch"), "elapsed_s": ckpt.get("elapsed")}
+    epochs = (config.get("config") or {}).get("epochs")
+    done = epochs is not None and (ckpt.get("epoch") or 0) >= epochs
+    return ("done" if done else "stopped"), None, progress
+
+
+def _last_evaluation(run: Path) -> tuple[str | None, dict]:
+    """The newest RUN/eval-*/metrics.json: (its folder's name, its scores)."""
+    found = sorted((p for p in run.glob("eval-*/metrics.json") if p.is_file()),
+                   key=lambda p: p.stat().st_mtime)
+    if not found:
+        return None, {}
+    return found[-1].parent.name, _read_json(found[-1])
+
+
+def run_summary(run: Path, root: Path | None = None) -> dict:
+    """One row of `citytrain runs`: what a run is, how far it got, its best, its last
+    evaluation's four scores, its time and state."""
+    run = Path(run)
+    config = _read_json(run / "config.json")
+    settings = config.get("config") or {}
+    status = _read_json(run / STATUS)
+    state, why, progress = _state(run, status, config)
+    best = best_of(run)
+    folder, metrics = _last_evaluation(run)
+    name = str(run.relative_to(root)) if root is not None and run != root and \
+        run.is_relative_to(root) else str(run)
+    return {
+        "run": name, "path": str(run),
+        "encoder": settings.get("encoder") or (config.get("model") or {}).get("encoder")
+        or "plain",
+        "epoch": progress.get("epoch"), "epochs": status.get("epochs", settings.get("epochs")),
+        "best_miou": best[0] if best else None, "best_epoch": best[1] if best else None,
+        "evaluation": folder, **{k: metrics.get(k) for k in SCORES},
+        "elapsed_s": progress.get("elapsed_s"), "state": state, "reason": why,
+    }
+
+
+def find_runs(root: Path) -> list[Path]:
+    """Every run directory at or under `root` (a folder with metrics.csv and config.json)."""
+    root = Path(root)
+    found = {p.parent for p in root.rglob("metrics.csv") if (p.parent / "config.json").is_file()}
+    if (root / "metrics.csv").is_file() and (root / "config.json").is_file():
+        found.add(root)
+    return sorted(found)
+
+
+def format_runs(rows: list[dict]) -> str:
+    """The table: one line per run."""
+    def score(v) -> str:
+        return "-" if v is None else f"{v:.4f}"
+
+    header = ["run", "encoder", "epochs", "best mIoU", "at", "last evaluation", "mIoU", "iIoU",
+              "cat mIoU", "cat iIoU", "time", "state"]
+    lines = [header]
+    for r in rows:
+        epochs = f"{'-' if r['epoch'] is None else r['epoch']}/{r['epochs'] or '-'}"
+        said = r["reason"] and r["reason"] != "epochs"  # done with its epochs: just done
+        state = r["state"] + (f" ({r['reason']})" if said else "")
+        lines.append([r["run"], r["encoder"], epochs, score(r["best_miou"]),
+                      "-" if r["best_epoch"] is None else str(r["best_epoch"]),
+                      r["evaluation"] or "-", *(score(r[k]) for k in SCORES),
+                      "-" if r["elapsed_s"] is None else duration(r["elapsed_s"]), state])
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    right = {2, 3, 4, 6, 7, 8, 9, 10}  # numbers
+    return "\n".join("  ".join(c.rjust(w) if i in right else c.ljust(w)
+                               for i, (c, w) in enumerate(zip(line, widths))).rstrip()
+                     for line in lines)

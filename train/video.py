@@ -245,7 +245,7 @@ def predict_video(model, source: Path, out: Path, *, mean, std, loss, device="cp
                   progress: bool = True) -> dict:
     """Predict every `every`-th frame of `source` and write the video `out`; returns what was
     written (frames, fps, size). Arguments as train.predict.predict_paths."""
-    from tqdm import tqdm
+    from pipeline.progress import bar
 
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, not {layout!r}")
@@ -256,7 +256,7 @@ def predict_video(model, source: Path, out: Path, *, mean, std, loss, device="cp
     model.eval()
     try:
         with VideoWriter(out, rate) as writer:
-            for _, image in tqdm(frames.frames(every), total=total, desc="predict",
+            for _, image in bar(frames.frames(every), total=total, desc="predict",
                                  unit="frame", disable=not progress):
                 pred = predict_image(model, image, mean=mean, std=std, loss=loss, device=device,
                                      size=size, inference=inference, amp=amp)
