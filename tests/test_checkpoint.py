@@ -10,12 +10,11 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from test_train import blocks, tiny
+from helpers import REPO, blocks, tiny
 
 from pipeline.loader import dali_available
 from train import engine
@@ -163,7 +162,6 @@ def test_architecture_and_class_mismatches_name_both_sides(tmp_path):
         check_classes(state, ["background", "road", "sky", "car"], tmp_path / "c.pt", "data/x")
 
 
-REPO = Path(__file__).resolve().parents[1]
 CTRL_C_DRIVER = """
 import signal, sys
 # a test run from a background shell inherits SIGINT ignored, and so would the loader's

@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 import torch.multiprocessing as mp
-from test_train import _free_port, blocks, tiny
+from helpers import blocks, free_port, tiny
 
 from train import preflight
 from train.config import Config, TrainingError
@@ -73,7 +73,7 @@ def test_all_ranks_stop_when_one_would_not_fit(make_dataset, tmp_path):
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     cfg = asdict(tiny(data, tmp_path / "run", batch_size=2, epochs=1))
-    mp.spawn(_rank, args=(_free_port(), cfg, [1e12, 0], queue), nprocs=2)
+    mp.spawn(_rank, args=(free_port(), cfg, [1e12, 0], queue), nprocs=2)
     results = dict(queue.get(timeout=60) for _ in range(2))
     assert results[0].startswith("not enough memory") and results[1].startswith("not enough")
     assert "for 2 processes on this host" in results[0]

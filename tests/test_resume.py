@@ -13,12 +13,10 @@ import subprocess
 import sys
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
-from test_cli_train import FIT, citytrain, fails
-from test_train import blocks, tiny
+from helpers import FIT, REPO, blocks, citytrain, fails, tiny
 
 from train import engine
 from train.checkpoint import load_checkpoint
@@ -31,8 +29,6 @@ from train.config import (
     resumed,
 )
 from train.fit import fit
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _rows(run) -> list[dict]:

@@ -8,8 +8,8 @@ import h5py
 import numpy as np
 import pytest
 from cityscapesscripts.helpers.labels import id2label
+from helpers import read_split
 from PIL import Image
-from test_preprocess import read_split
 
 from pipeline.labels import get_mapping
 from pipeline.shards import (
