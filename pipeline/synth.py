@@ -28,9 +28,9 @@ from PIL import Image, ImageFilter
 from tqdm import tqdm
 
 from pipeline import scene
+from pipeline.files import atomic_write_bytes
 from pipeline.labels import LABELS
 from pipeline.scene import ASPHALT, BRICK, FACADES, FLAT, GRASS, LEAVES, PAVING, PLANKS, SKY
-from pipeline.shards import atomic_write_bytes
 
 CITIES = {"train": ("aachen", "bremen", "hamburg", "zurich"),
           "val": ("frankfurt", "lindau", "munster"),

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.shards import atomic_write_bytes
+from pipeline.files import atomic_write_bytes
 from train.models.registry import arch_of
 
 FORMAT = "cityseg-checkpoint"

@@ -16,6 +16,10 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.constants import default_pg_timeout
 
+# The device choice lives beside the loader, which needs it too (a layer below train);
+# every module of train asks it here.
+from pipeline.devices import local_device  # noqa: F401
+
 
 @dataclass(frozen=True)
 class Dist:
@@ -35,32 +39,6 @@ class Dist:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
-
-
-def local_device(device: str | torch.device = "auto", local_rank: int | None = None) \
-        -> torch.device:
-    """This process's device: the one place that decides it.
-
-    "auto" is this rank's GPU when CUDA is there, else the CPU. A GPU without an index is
-    cuda:(LOCAL_RANK % visible GPUs): with every GPU of a node visible that is
-    cuda:LOCAL_RANK, and with one visible GPU per process (SLURM `--gpus-per-task=1`, or
-    CUDA_VISIBLE_DEVICES set per rank) it is cuda:0 for every rank.
-    """
-    if str(device) == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
-    if device.type != "cuda":
-        return device
-    if not torch.cuda.is_available():
-        raise RuntimeError(f"--device {device}: no CUDA device is available")
-    count = torch.cuda.device_count()
-    if device.index is not None:
-        if device.index >= count:
-            raise RuntimeError(f"--device {device}: only {count} CUDA device(s) are visible")
-        return device
-    if local_rank is None:
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    return torch.device("cuda", local_rank % count)
 
 
 def setup(device: str | torch.device = "auto") -> Dist:

@@ -18,7 +18,7 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
-from pipeline.shards import atomic_write_bytes
+from pipeline.files import atomic_write_bytes
 
 METRICS_COLUMNS = ("epoch", "step", "lr", "train_loss", "val_loss", "val_miou", "pixel_acc",
                    "images_per_s", "data_wait_fraction")
