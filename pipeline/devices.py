@@ -11,6 +11,8 @@ import os
 
 import torch
 
+DEVICES = ("auto", "cpu", "cuda")  # what a user types; "cuda:N" works too
+
 
 def local_device(device: str | torch.device = "auto", local_rank: int | None = None) \
         -> torch.device:

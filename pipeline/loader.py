@@ -154,6 +154,9 @@ class DaliLoader(Loader):
 
 # -- building ----------------------------------------------------------------------------------
 
+BACKENDS = ("auto", "dali", "torch")  # "auto": DALI when importable
+
+
 def dali_available() -> bool:
     try:
         import nvidia.dali  # noqa: F401
@@ -221,7 +224,7 @@ def build_loader(data_dir: str | Path, split: str, batch_size: int, *, train: bo
                          f"{rank}, {world_size}")
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"dtype must be torch.float32, float16 or bfloat16, not {dtype}")
-    if backend not in ("auto", "dali", "torch"):
+    if backend not in BACKENDS:
         raise ValueError(f"backend must be auto, dali or torch, not {backend!r}")
     if backend == "auto":
         backend = "dali" if dali_available() else "torch"
