@@ -22,7 +22,7 @@ OTHER_CUDA := $(if $(filter 12,$(CUDA)),13,12)
 CHECKPOINT ?= $(RUN)/checkpoints/best.pt
 ARGS ?=
 
-.PHONY: install test demo preprocess train evaluate bench gpu-report lint clean
+.PHONY: install test test-fast demo preprocess train evaluate bench gpu-report lint clean
 
 install: $(STAMP)
 
@@ -36,6 +36,10 @@ $(STAMP): pyproject.toml
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# everything but the tests marked slow (several processes, kills, torchrun, long fits)
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
 
 lint: install
 	$(BIN)/ruff check .

@@ -39,6 +39,7 @@ def _rows(run) -> list[dict]:
                 for r in csv.DictReader(f)]
 
 
+@pytest.mark.slow
 def test_resume_after_sigterm_matches_an_uninterrupted_run(make_dataset, tmp_path, monkeypatch):
     images, labels, names = blocks(16)
     data = make_dataset({"train": (images[:12], labels[:12], names[:12]),
@@ -175,6 +176,7 @@ main(sys.argv[1:])
 @pytest.mark.parametrize("backend", [
     pytest.param("dali", marks=pytest.mark.skipif(not dali_available(), reason="no DALI")),
     "torch"])
+@pytest.mark.slow
 def test_ctrl_c_with_loader_workers_saves_and_exits_cleanly(shards, tmp_path, backend):
     out = tmp_path / "run"
     args = ["fit", "--data", shards, "--out", out, "--epochs", "1000", "--batch-size", "2",

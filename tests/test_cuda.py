@@ -118,6 +118,7 @@ def test_confusion_matrix_is_the_same_on_cpu_and_cuda():
     assert torch.equal(mats[0], mats[1]) and mats[0].sum() == 3 * 59 * 96
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs for 2 NCCL processes")
 def test_two_nccl_processes_train_like_one_gpu(make_dataset, tmp_path):
     images, labels, names = blocks(12)

@@ -18,7 +18,9 @@ from helpers import REPO, alive, blocks, descendants, free_port
 
 from train.checkpoint import load_checkpoint
 
-pytestmark = pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
+pytestmark = [pytest.mark.slow,  # processes started, killed and counted
+              pytest.mark.skipif(not Path("/proc/self/task").is_dir(),
+                                 reason="needs Linux /proc")]
 
 def _port_free(port: int) -> bool:
     with socket.socket() as s:

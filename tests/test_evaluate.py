@@ -85,6 +85,7 @@ def _scores(path) -> dict:
             if k not in ("seconds", "images_per_s", "export_official", "checkpoint")}
 
 
+@pytest.mark.slow
 def test_two_ranks_score_exactly_what_one_process_scores(run, uneven, tmp_path):
     city, data = uneven
     ckpt = run / "checkpoints" / "last.pt"

@@ -65,6 +65,7 @@ def _rank(rank: int, port: int, cfg: dict, budget: list, queue) -> None:
         queue.put((rank, str(e)))
 
 
+@pytest.mark.slow
 def test_all_ranks_stop_when_one_would_not_fit(make_dataset, tmp_path):
     from dataclasses import asdict
 

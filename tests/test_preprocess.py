@@ -104,6 +104,7 @@ preprocess(sys.argv[1], sys.argv[2], size=(16, 32), shard_size=2, workers=2, pro
 """
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_equals_uninterrupted_run(tree, reference, tmp_path):
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, "-c", DRIVER, str(tree), str(out)], cwd=REPO,
@@ -145,6 +146,7 @@ main(["preprocess", "--datadir", sys.argv[1], "--out", sys.argv[2], "--size", "3
 """
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_cleanly_and_resumes(tree, reference, tmp_path):
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, "-c", CLI_DRIVER, str(tree), str(out)], cwd=REPO,

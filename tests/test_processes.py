@@ -15,7 +15,9 @@ from helpers import BACKENDS, REPO, alive, descendants
 
 from pipeline.loader import dali_available
 
-pytestmark = pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
+pytestmark = [pytest.mark.slow,  # processes started, killed and counted
+              pytest.mark.skipif(not Path("/proc/self/task").is_dir(),
+                                 reason="needs Linux /proc")]
 
 def shared_segments(pids: list[int]) -> set[str]:
     """The /dev/shm files these processes have mapped (semaphores, DALI's segments)."""

@@ -23,6 +23,7 @@ def weights(path) -> dict[str, torch.Tensor]:
     return load_checkpoint(path)["model"]
 
 
+@pytest.mark.slow
 def test_overfits_a_handful_of_samples(make_dataset, tmp_path):
     images, labels, names = blocks(4)
     data = make_dataset({"train": (images, labels, names), "val": (images, labels, names)})
@@ -37,6 +38,7 @@ def test_overfits_a_handful_of_samples(make_dataset, tmp_path):
     assert (tmp_path / "run" / "predictions" / "epoch_100" / "val.png").is_file()
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_match_one_with_the_same_global_batch(make_dataset, tmp_path):
     images, labels, names = blocks(12)
     data = make_dataset({"train": (images[:8], labels[:8], names[:8]),
