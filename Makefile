@@ -22,7 +22,7 @@ OTHER_CUDA := $(if $(filter 12,$(CUDA)),13,12)
 CHECKPOINT ?= $(RUN)/checkpoints/best.pt
 ARGS ?=
 
-.PHONY: install test coverage demo preprocess train evaluate bench gpu-report lint clean
+.PHONY: install test test-fast coverage demo preprocess train evaluate bench gpu-report lint clean
 
 install: $(STAMP)
 
@@ -43,6 +43,10 @@ coverage: install
 	rm -rf runs/coverage && mkdir -p runs/coverage
 	$(BIN)/python -m coverage run -m pytest -q
 	$(BIN)/python -m coverage report
+
+# everything but the tests marked slow (several processes, kills, torchrun, long fits)
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
 
 lint: install
 	$(BIN)/ruff check .

@@ -10,16 +10,14 @@ import numpy as np
 from PIL import Image
 
 from pipeline import sizes
+from pipeline.files import TMP_MARK, atomic_write_bytes, sha256_file
 from pipeline.labels import IGNORE_INDEX, colorize
 from pipeline.shards import (
     MANIFEST_NAME,
-    TMP_MARK,
     ShardError,
-    atomic_write_bytes,
     load_manifest,
     open_shard,
     read_names,
-    sha256_file,
     shard_info,
 )
 

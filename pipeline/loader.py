@@ -8,8 +8,9 @@ on the CPU. Colour jitter and normalization follow on the same device, in torch
 (`pipeline/photometric.py`).
 
 Which sample goes where, and every random value of its augmentation, comes from
-`pipeline/sampling.py`. The fallback for machines without DALI, `pipeline/torch_loader.py`,
-shares all of this module but the geometry kernels.
+`pipeline/sampling.py`. The loader object both backends share (position, state, handing
+batches out) is `pipeline/loader_base.py`; the fallback for machines without DALI is
+`pipeline/torch_loader.py`.
 """
 
 from __future__ import annotations
@@ -22,11 +23,11 @@ import numpy as np
 import torch
 
 from pipeline import sizes
+from pipeline.devices import local_device
 from pipeline.geometry import augment_batch
 from pipeline.host import refuse_in_starting_worker, usable_cpus, worker_error
-from pipeline.photometric import Normalizer
+from pipeline.loader_base import Loader
 from pipeline.sampling import (
-    COLOUR,
     OUTPUT_SIZE,
     WINDOW_END,
     WINDOW_START,
@@ -38,6 +39,7 @@ from pipeline.sampling import (
     check_shards,
 )
 from pipeline.shards import load_manifest
+from pipeline.torch_loader import TorchLoader
 
 # -- the GPU graph: `params` is the per-sample vector of `draw_augment`; slicing it feeds the
 # same draw to image and label. Both leave as uint8 HWC; `photometric.Normalizer` takes it on.
@@ -102,98 +104,6 @@ def segmentation_graph(source, *, aug: Augment | None, gpu: bool, parallel: bool
     return image, label, index, params  # colour jitter and normalization: in torch
 
 
-# -- the loader object -------------------------------------------------------------------------
-
-class Loader:
-    """One pass is one epoch (or what is left of it); the position survives breaks and resumes.
-
-    Backends implement `_batches(start)`: this rank's raw batches from `start` (a `Position`)
-    to the end of its epoch, as (image uint8 NxHxWx3, label uint8 NxHxW[x1], index N, params
-    NxP or None). `position` moves on as each batch is handed out; a pass that is abandoned
-    leaves it where it stopped, so `state_dict()` taken then resumes exactly there. Evaluation
-    passes always start afresh.
-    """
-
-    def __init__(self, data_dir: Path, manifest: dict, split: str, plan: Plan,
-                 aug: Augment | None, size: tuple[int, int], files: list[str],
-                 counts: list[int], *, mean, std, device: torch.device, dtype: torch.dtype,
-                 channels_last: bool, workers: int) -> None:
-        self.data_dir, self.manifest, self.split, self.plan, self.aug = (
-            data_dir, manifest, split, plan, aug)
-        self.size, self.files, self.counts, self.workers = size, files, counts, workers
-        self.mean, self.std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
-        self.device, self.dtype, self.channels_last = device, dtype, channels_last
-        self.classes = list(manifest["classes"])
-        self.num_classes = len(self.classes)
-        self.palette = np.asarray(manifest["palette"], dtype=np.uint8)
-        self.ignore_index = int(manifest.get("ignore_index", 255))
-        self.num_samples, self.batch_size, self.train = (
-            plan.num_samples, plan.batch_size, plan.train)
-        self.position, self._resume = Position(), False
-        self._normalize = Normalizer(self.mean, self.std, dtype)
-
-    def __len__(self) -> int:
-        return self.plan.batches
-
-    @property
-    def global_batch(self) -> int:
-        return self.batch_size * self.plan.world_size
-
-    @property
-    def epoch(self) -> int:
-        return self.position.epoch
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.position.epoch, "batch": self.position.batch,
-                "global_batch": self.global_batch}
-
-    def load_state_dict(self, state: dict) -> None:
-        """Continue where `state` stopped, also with another number of processes.
-
-        Global batch b of an epoch is the b-th block of one permutation whatever the world
-        size, so a position carries over exactly when this run's global batch divides the
-        images already read this epoch; otherwise it is a ValueError saying so.
-        """
-        epoch, batch = int(state["epoch"]), int(state.get("batch", 0))
-        saved = int(state.get("global_batch", self.global_batch))
-        if batch and saved != self.global_batch:
-            read = batch * saved
-            if read % self.global_batch:
-                raise ValueError(
-                    f"the checkpoint stopped {read} images into epoch {epoch + 1} ({batch} "
-                    f"global batches of {saved}); this run's global batch of "
-                    f"{self.global_batch} ({self.batch_size} per process x "
-                    f"{self.plan.world_size}) does not divide {read}")
-            batch = read // self.global_batch
-        self.position, self._resume = Position(epoch, batch), True
-        if len(self):
-            self.position = Position.at(self.position.stream(len(self)), len(self))
-
-    def __iter__(self):
-        if not self.train and not self._resume:
-            self.position = Position(self.position.epoch, 0)
-        self._resume = False
-        start = self.position
-        if start.batch >= len(self):  # nothing to read: an empty share of the split
-            self.position = Position(start.epoch + 1, 0)
-            return
-        jitter = self.aug is not None and self.aug.jitter > 0
-        for image, label, index, params in self._batches(start):
-            image = self._normalize(image, params[:, COLOUR] if jitter else None)
-            if self.channels_last:
-                image = image.contiguous(memory_format=torch.channels_last)
-            label = label.reshape(label.shape[:3]).to(self.device, non_blocking=True).long()
-            # the position moves on as a batch is handed out: after the last, the next epoch
-            self.position = self.position.next(len(self))
-            yield {"image": image, "label": label, "index": index.reshape(-1)}  # on the CPU
-
-    def _batches(self, start: Position):
-        raise NotImplementedError
-
-    def close(self) -> None:
-        pass
-
-
 class DaliLoader(Loader):
     backend = "dali"
 
@@ -255,6 +165,9 @@ class DaliLoader(Loader):
 
 # -- building ----------------------------------------------------------------------------------
 
+BACKENDS = ("auto", "dali", "torch")  # "auto": DALI when importable
+
+
 def dali_available() -> bool:
     try:
         import nvidia.dali  # noqa: F401
@@ -314,7 +227,7 @@ def build_loader(data_dir: str | Path, split: str, batch_size: int, *, train: bo
     `crop` is (H, W); `workers` reader processes (None: `default_workers`; 0: read in this
     process); `backend` "dali", "torch" or "auto" (DALI when importable). `device` is
     the process's device as `train.distributed.setup` chose it (a string goes through the same
-    `local_device`), so model and loader always agree.
+    `pipeline.devices.local_device`), so model and loader always agree.
     """
     refuse_in_starting_worker()
     if batch_size < 1 or not 0 <= rank < world_size:
@@ -322,7 +235,7 @@ def build_loader(data_dir: str | Path, split: str, batch_size: int, *, train: bo
                          f"{rank}, {world_size}")
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"dtype must be torch.float32, float16 or bfloat16, not {dtype}")
-    if backend not in ("auto", "dali", "torch"):
+    if backend not in BACKENDS:
         raise ValueError(f"backend must be auto, dali or torch, not {backend!r}")
     if backend == "auto":
         backend = "dali" if dali_available() else "torch"
@@ -333,9 +246,7 @@ def build_loader(data_dir: str | Path, split: str, batch_size: int, *, train: bo
     elif backend == "dali" and not dali_available():
         raise ImportError("backend='dali' needs nvidia-dali (Linux x86_64); use backend='torch'")
     if not isinstance(device, torch.device) or (device.type == "cuda" and device.index is None):
-        from train.distributed import local_device  # the one owner of the device choice
-
-        device = local_device(device)
+        device = local_device(device)  # the one choice of a device, as train's setup makes it
     data_dir = Path(data_dir)
     manifest = load_manifest(data_dir)
     files, counts, size = check_shards(data_dir, manifest, split)
@@ -353,9 +264,7 @@ def build_loader(data_dir: str | Path, split: str, batch_size: int, *, train: bo
             and not _noticed.count(problem):
         print(f"warning: {problem}", file=sys.stderr)
         _noticed.append(problem)
-    cls = DaliLoader
-    if backend == "torch":
-        from pipeline.torch_loader import TorchLoader as cls
+    cls = TorchLoader if backend == "torch" else DaliLoader
     return cls(data_dir, manifest, split, plan, aug, size, files, counts,
                mean=manifest["mean"] if mean is None else mean,
                std=manifest["std"] if std is None else std, device=device,

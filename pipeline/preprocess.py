@@ -51,23 +51,21 @@ from pipeline.cityscapes import (
     read_image,
     read_label_ids,
 )
+from pipeline.files import TMP_MARK, atomic_write_bytes, sha256_file
 from pipeline.host import usable_cpus, worker_setup
 from pipeline.labels import Mapping, get_mapping
 from pipeline.progress import bar as progress_bar
 from pipeline.shards import (
     COMPRESSIONS,
-    TMP_MARK,
     ShardError,
     ShardWriter,
     add_stats,
-    atomic_write_bytes,
     load_manifest,
     make_manifest,
     manifest_path,
     open_shard,
     read_names,
     sample_stats,
-    sha256_file,
     shard_filename,
     write_manifest,
 )

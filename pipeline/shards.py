@@ -15,7 +15,6 @@ so a reader never sees half a shard and a killed job leaves only temporaries to 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Iterator
@@ -28,12 +27,12 @@ import numpy as np
 from PIL import Image
 
 from pipeline import sizes
+from pipeline.files import atomic_write_bytes, fsync_dir, sha256_file, tmp_path_for
 from pipeline.labels import IGNORE_INDEX, Mapping
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 COMPRESSIONS = ("none", "lzf", "gzip")
-TMP_MARK = ".tmp-"
 
 
 class ShardError(RuntimeError):
@@ -42,51 +41,6 @@ class ShardError(RuntimeError):
 
 def shard_filename(split: str, k: int) -> str:
     return f"{split}-{k:05d}.h5"
-
-
-def tmp_path_for(path: Path) -> Path:
-    """A sibling temporary name, unique per process, that `sweep_temporaries` recognizes."""
-    return path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}")
-
-
-def sweep_temporaries(folder: Path) -> list[Path]:
-    """Delete leftovers of killed writers; returns what was removed."""
-    removed = []
-    for p in Path(folder).glob(f".*{TMP_MARK}*"):
-        p.unlink(missing_ok=True)
-        removed.append(p)
-    return removed
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path = Path(path)
-    tmp = tmp_path_for(path)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _compression_kwargs(compression: str) -> dict:
@@ -159,7 +113,7 @@ class ShardWriter:
             os.fsync(f.fileno())
         digest = sha256_file(self.tmp)
         os.replace(self.tmp, self.path)
-        _fsync_dir(self.path.parent)
+        fsync_dir(self.path.parent)
         return digest
 
     def abort(self) -> None:

@@ -27,10 +27,10 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from pipeline import scene
+from pipeline.files import atomic_write_bytes
 from pipeline.labels import LABELS
 from pipeline.progress import bar as progress_bar
 from pipeline.scene import ASPHALT, BRICK, FACADES, FLAT, GRASS, LEAVES, PAVING, PLANKS, SKY
-from pipeline.shards import atomic_write_bytes
 
 CITIES = {"train": ("aachen", "bremen", "hamburg", "zurich"),
           "val": ("frankfurt", "lindau", "munster"),

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from pipeline.geometry import pad, scale_crop_flip
 from pipeline.host import worker_error, worker_setup
-from pipeline.loader import Loader
+from pipeline.loader_base import Loader
 from pipeline.sampling import Augment, Plan, Position, ShardReader, draw_augment
 from pipeline.shards import ShardError
 

@@ -12,8 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import pack_official
-from test_preprocess import KW, assert_clean, make_tree
+from helpers import KW, assert_clean, make_tree, pack_official
 
 from pipeline import archives
 from pipeline.cityscapes import (

@@ -10,12 +10,11 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from test_train import blocks, tiny
+from helpers import REPO, blocks, tiny
 
 from pipeline.loader import dali_available
 from train import engine
@@ -40,6 +39,7 @@ def _rows(run) -> list[dict]:
                 for r in csv.DictReader(f)]
 
 
+@pytest.mark.slow
 def test_resume_after_sigterm_matches_an_uninterrupted_run(make_dataset, tmp_path, monkeypatch):
     images, labels, names = blocks(16)
     data = make_dataset({"train": (images[:12], labels[:12], names[:12]),
@@ -165,7 +165,6 @@ def test_architecture_and_class_mismatches_name_both_sides(tmp_path):
         check_classes(state, ["background", "road", "sky", "car"], tmp_path / "c.pt", "data/x")
 
 
-REPO = Path(__file__).resolve().parents[1]
 CTRL_C_DRIVER = """
 import signal, sys
 # a test run from a background shell inherits SIGINT ignored, and so would the loader's
@@ -179,6 +178,7 @@ main(sys.argv[1:])
 @pytest.mark.parametrize("backend", [
     pytest.param("dali", marks=pytest.mark.skipif(not dali_available(), reason="no DALI")),
     "torch"])
+@pytest.mark.slow
 def test_ctrl_c_with_loader_workers_saves_and_exits_cleanly(shards, tmp_path, backend):
     out = tmp_path / "run"
     args = ["fit", "--data", shards, "--out", out, "--epochs", "1000", "--batch-size", "2",

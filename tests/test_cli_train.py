@@ -10,30 +10,12 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
+from helpers import FIT, citytrain, fails
 from PIL import Image
 
 from pipeline.photometric import normalize
 from pipeline.shards import open_shard, read_names, split_shards
 from train.checkpoint import load_checkpoint, model_from_checkpoint
-from train.cli import main
-
-FIT = ["--epochs", "2", "--batch-size", "2", "--crop", "32x64", "--width", "4", "--depth", "2",
-       "--amp", "off", "--optimizer", "adamw", "--lr", "1e-2", "--workers", "0", "--device",
-       "cpu", "--no-progress"]
-
-
-def citytrain(*args) -> object:
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-
-
-def fails(*args, code: int = 1) -> str:
-    """Run a command that must fail cleanly; returns its output."""
-    result = CliRunner().invoke(main, [str(a) for a in args])
-    assert result.exit_code == code, result.output
-    assert not isinstance(result.exception, Exception) or isinstance(result.exception, SystemExit)
-    assert "Traceback" not in result.output
-    return result.output
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 from click.testing import CliRunner
-from conftest import pack_official
+from helpers import pack_official
 from PIL import Image
 
 from pipeline.cli import main as cityprep

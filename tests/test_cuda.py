@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
-from test_loader import CROP, H, W, arrays
-from test_train import _ddp_worker, _free_port, blocks, tiny
+from helpers import PRIMARY_SIZE, blocks, ddp_worker, free_port, primary_frames, tiny
 
 from pipeline.labels import get_mapping
 from pipeline.loader import build_loader, dali_available
@@ -24,12 +23,14 @@ from train.models.plain import UNet
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="needs a CUDA GPU (these check what the CPU cannot)")
+H, W = PRIMARY_SIZE
+CROP = (48, 96)  # as the loader tests' crop
 needs_dali = pytest.mark.skipif(not dali_available(), reason="needs nvidia-dali")
 
 
 @pytest.fixture
 def data(make_dataset):
-    return make_dataset({"train": arrays(10, 0), "val": arrays(7, 1)}, shard_size=4)
+    return make_dataset({"train": primary_frames(10, 0), "val": primary_frames(7, 1)}, shard_size=4)
 
 
 def _unnormalize(loader, image: torch.Tensor) -> np.ndarray:
@@ -64,7 +65,7 @@ def test_dali_gpu_graph_keeps_labels_on_their_pixels(data, workers):
 
 @needs_dali
 def test_dali_gpu_identity_geometry_is_exact(data):
-    images, labels, _ = arrays(10, 0)
+    images, labels, _ = primary_frames(10, 0)
     loader = build_loader(data, "train", 5, train=True, crop=(H, W), scale=(1, 1), jitter=0,
                           device="cuda", backend="dali", workers=0)
     for batch in loader:
@@ -171,6 +172,7 @@ def test_a_cpu_checkpoint_resumes_on_the_gpus_fused_kernels(optimizer):
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs for 2 NCCL processes")
 def test_two_nccl_processes_train_like_one_gpu(make_dataset, tmp_path):
     images, labels, names = blocks(12)
@@ -180,7 +182,7 @@ def test_two_nccl_processes_train_like_one_gpu(make_dataset, tmp_path):
                   device="cuda")
     one = fit(cfg)
     two = replace(cfg, out=str(tmp_path / "two"), batch_size=2)
-    mp.spawn(_ddp_worker, args=(2, _free_port(), asdict(two)), nprocs=2)
+    mp.spawn(ddp_worker, args=(2, free_port(), asdict(two)), nprocs=2)
     state = load_checkpoint(tmp_path / "two/checkpoints/last.pt")
     assert state["world_size"] == 2 and state["step"] == 4 and state["epoch"] == 2
     assert state["metrics"]["train_loss"] == pytest.approx(one["train_loss"], rel=2e-2)

@@ -14,21 +14,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_processes import alive, descendants
-from test_train import blocks
+from helpers import REPO, alive, blocks, descendants, free_port
 
 from train.checkpoint import load_checkpoint
 
-pytestmark = pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
+pytestmark = [pytest.mark.slow,  # processes started, killed and counted
+              pytest.mark.skipif(not Path("/proc/self/task").is_dir(),
+                                 reason="needs Linux /proc")]
 
 def _port_free(port: int) -> bool:
     with socket.socket() as s:
@@ -81,7 +73,7 @@ def test_a_rank_killed_between_two_saves_costs_a_restart_not_the_run(make_datase
     images, labels, names = blocks(20)
     data = make_dataset({"train": (images[:16], labels[:16], names[:16]),
                          "val": (images[16:], labels[16:], names[16:])})
-    port = _free_port()
+    port = free_port()
     # 16 images, 2 x 2 a step: 4 steps an epoch, 8 in all; step checkpoints at 3 and 6.
     # Rank 1 dies after step 7 (train/faults.py), as a lost GPU ends a process: the group
     # restarts from step 6, in the middle of epoch 2.

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import zipfile
 
 import numpy as np
@@ -14,7 +13,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from click.testing import CliRunner
-from conftest import CITY_SIZE, SHARD_SIZE
+from helpers import CITY_SIZE, SHARD_SIZE, free_port
 from PIL import Image
 
 from pipeline.labels import get_mapping
@@ -64,12 +63,6 @@ def uneven(tmp_path_factory):
     return root / "city", root / "shards"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _rank(rank: int, world: int, commands: list[tuple[int, list[str]]]) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1")
@@ -92,6 +85,7 @@ def _scores(path) -> dict:
             if k not in ("seconds", "images_per_s", "export_official", "checkpoint")}
 
 
+@pytest.mark.slow
 def test_two_ranks_score_exactly_what_one_process_scores(run, uneven, tmp_path):
     city, data = uneven
     ckpt = run / "checkpoints" / "last.pt"
@@ -109,7 +103,7 @@ def test_two_ranks_score_exactly_what_one_process_scores(run, uneven, tmp_path):
 
     for args in commands("one"):
         citytrain(*args)
-    mp.spawn(_rank, args=(2, [(_free_port(), a) for a in commands("two")]), nprocs=2)
+    mp.spawn(_rank, args=(2, [(free_port(), a) for a in commands("two")]), nprocs=2)
 
     for kind, images in (("shard", 5), ("full", 5)):
         one, two = _scores(tmp_path / "one" / kind / "metrics.json"), \

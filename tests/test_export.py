@@ -191,7 +191,7 @@ def test_the_model_sees_the_pixels_of_the_shards(city, shards):
 
 
 def test_export_reads_the_originals_out_of_the_official_zips(tree, tmp_path):
-    from conftest import pack_official
+    from helpers import pack_official
 
     datadir, _ = tree
     zips = tmp_path / "downloads"

@@ -7,8 +7,7 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
-from test_cli_train import FIT, fails
-from test_train import blocks, tiny
+from helpers import FIT, blocks, fails, tiny
 
 from pipeline.labels import get_mapping
 from pipeline.loader import build_loader
@@ -22,7 +21,7 @@ from train.models.plain import UNet
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    from conftest import write_dataset
+    from helpers import write_dataset
 
     images, labels, names = blocks(12)
     return write_dataset(tmp_path_factory.mktemp("blocks") / "data", {

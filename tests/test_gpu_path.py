@@ -9,7 +9,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from test_train import blocks, tiny
+from helpers import blocks, tiny
 
 from pipeline import loader_bench
 from pipeline.loader import build_loader

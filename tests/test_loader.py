@@ -13,30 +13,19 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from helpers import BACKENDS, PRIMARY_SIZE, primary_frames
 
 from pipeline import loader as loader_module
 from pipeline.loader import build_loader, dali_available
 from pipeline.shards import ShardError
 
-H, W = 64, 128  # shard size
+H, W = PRIMARY_SIZE  # shard size
 CROP = (48, 96)
-PRIMARIES = np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255]], np.uint8)
-
-BACKENDS = [pytest.param("dali", marks=pytest.mark.skipif(not dali_available(),
-                                                          reason="nvidia.dali not installed")),
-            "torch"]
-
-
-def arrays(n: int, seed: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Labels in random 8x8 blocks of classes 0-2; images the matching primary colours."""
-    rng = np.random.default_rng(seed)
-    labels = rng.integers(0, 3, (n, H // 8, W // 8)).repeat(8, 1).repeat(8, 2).astype(np.uint8)
-    return PRIMARIES[labels], labels, [f"testcity_{i:06d}_000019" for i in range(n)]
 
 
 @pytest.fixture
 def data(make_dataset) -> tuple[Path, dict]:
-    splits = {"train": arrays(10, 0), "val": arrays(7, 1)}
+    splits = {"train": primary_frames(10, 0), "val": primary_frames(7, 1)}
     return make_dataset(splits, shard_size=4), splits
 
 
@@ -253,7 +242,7 @@ def test_bad_shard_fails_at_build_time_naming_the_file(data, damage):
 
 
 def test_damaged_sample_fails_while_loading_with_a_clear_error(make_dataset, backend):
-    folder = make_dataset({"train": arrays(4, 0)}, compression="gzip")
+    folder = make_dataset({"train": primary_frames(4, 0)}, compression="gzip")
     shard = folder / "train-00000.h5"
     with h5py.File(shard, "r") as f:
         chunk = f["image"].id.get_chunk_info(1)
@@ -328,7 +317,7 @@ def test_the_gpu_graph_on_dalis_cpu_operators_matches_the_cpu_geometry(make_data
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (16, H, W, 3), dtype=np.uint8)  # noise: every pixel counts
     labels = rng.integers(0, 19, (16, H, W), dtype=np.uint8)
-    loader = load(make_dataset({"train": (images, labels, arrays(16, 0)[2])}), "train", 8,
+    loader = load(make_dataset({"train": (images, labels, primary_frames(16, 0)[2])}), "train", 8,
                   "dali", scale=(0.5, 1.5))
     batches = {}
     for geometry in (False, True):  # raw samples, as the CPU loader reads them; the graph's

@@ -169,6 +169,7 @@ def _worker(rank: int, world: int, init: str, queue) -> None:
 IMAGES = [(GUESS, INSTANCES), (GUESS.roll(3), INSTANCES)]
 
 
+@pytest.mark.slow
 def test_all_reduce_sums_ranks(tmp_path):
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()

@@ -15,8 +15,8 @@ import pytest
 import torch
 import torchvision
 from click.testing import CliRunner
+from helpers import tiny
 from PIL import Image
-from test_train import tiny
 from torch import nn
 
 from train.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import fit_briefly, write_checkpoint
+from helpers import fit_briefly, write_checkpoint
 from PIL import Image
 from torch import nn
 

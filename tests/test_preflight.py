@@ -9,7 +9,7 @@ from dataclasses import replace
 import pytest
 import torch
 import torch.multiprocessing as mp
-from test_train import _free_port, blocks, tiny
+from helpers import blocks, free_port, tiny
 
 from train import distributed, preflight
 from train.config import Config, TrainingError
@@ -66,6 +66,7 @@ def _rank(rank: int, port: int, cfg: dict, budget: list, queue) -> None:
         queue.put((rank, str(e)))
 
 
+@pytest.mark.slow
 def test_all_ranks_stop_when_one_would_not_fit(make_dataset, tmp_path):
     from dataclasses import asdict
 
@@ -74,7 +75,7 @@ def test_all_ranks_stop_when_one_would_not_fit(make_dataset, tmp_path):
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     cfg = asdict(tiny(data, tmp_path / "run", batch_size=2, epochs=1))
-    mp.spawn(_rank, args=(_free_port(), cfg, [1e12, 0], queue), nprocs=2)
+    mp.spawn(_rank, args=(free_port(), cfg, [1e12, 0], queue), nprocs=2)
     results = dict(queue.get(timeout=60) for _ in range(2))
     assert results[0].startswith("not enough memory") and results[1].startswith("not enough")
     assert "for 2 processes on this host" in results[0]

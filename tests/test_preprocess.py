@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import json
 import os
 import signal
 import struct
@@ -13,10 +12,10 @@ import time
 import zlib
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pytest
 from cityscapesscripts.helpers.labels import id2label
+from helpers import KW, REPO, SIZE, assert_clean, leftovers, make_tree, read_split, write_png
 from PIL import Image
 
 from pipeline.cityscapes import DatasetError
@@ -25,31 +24,6 @@ from pipeline.preprocess import PreprocessError, preprocess
 from pipeline.shards import ShardWriter, load_manifest
 from pipeline.sizes import wh
 
-REPO = Path(__file__).resolve().parents[1]
-IDS = np.array([0, 7, 8, 9, 11, 21, 23, 24, 26], np.uint8)  # 0 and 9 are ignored by trainid
-SIZE = (16, 32)  # H, W
-KW = dict(size=SIZE, shard_size=2, workers=1, progress=False)
-
-
-def write_png(path: Path, array: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(array).save(path)
-
-
-def make_tree(root: Path, counts=(("train", 6), ("val", 2)), size=(32, 64), seed=0) -> Path:
-    """Random pixels and random label ids per pixel: any misalignment shows."""
-    rng = np.random.default_rng(seed)
-    h, w = size
-    for split, n in counts:
-        for i in range(n):
-            city = ("aachen", "bochum")[i % 2]
-            name = f"{city}_{i:06d}_000019"
-            write_png(root / "leftImg8bit" / split / city / f"{name}_leftImg8bit.png",
-                      rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
-            write_png(root / "gtFine" / split / city / f"{name}_gtFine_labelIds.png",
-                      rng.choice(IDS, (h, w)))
-    return root
-
 
 def image_path(root: Path, name: str, split: str = "train") -> Path:
     return root / "leftImg8bit" / split / name.split("_")[0] / f"{name}_leftImg8bit.png"
@@ -57,22 +31,6 @@ def image_path(root: Path, name: str, split: str = "train") -> Path:
 
 def label_path(root: Path, name: str, split: str = "train") -> Path:
     return root / "gtFine" / split / name.split("_")[0] / f"{name}_gtFine_labelIds.png"
-
-
-def read_split(out: Path, split: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    manifest = json.loads((out / "manifest.json").read_text())
-    images, labels, names = [], [], []
-    for entry in manifest["splits"][split]["shards"]:
-        with h5py.File(out / entry["file"], "r") as f:
-            images.append(f["image"][()])
-            labels.append(f["label"][()])
-            names += [n.decode() for n in f["name"][()]]
-    return np.concatenate(images), np.concatenate(labels), names
-
-
-def leftovers(out: Path) -> list[str]:
-    """Anything a finished or failed job must not leave: temporaries anywhere under out."""
-    return sorted(p.name for p in out.rglob(".*tmp-*"))
 
 
 def to_trainid(ids: np.ndarray) -> np.ndarray:
@@ -146,6 +104,7 @@ preprocess(sys.argv[1], sys.argv[2], size=(16, 32), shard_size=2, workers=2, pro
 """
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_equals_uninterrupted_run(tree, reference, tmp_path):
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, "-c", DRIVER, str(tree), str(out)], cwd=REPO,
@@ -187,6 +146,7 @@ main(["preprocess", "--datadir", sys.argv[1], "--out", sys.argv[2], "--size", "3
 """
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_cleanly_and_resumes(tree, reference, tmp_path):
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, "-c", CLI_DRIVER, str(tree), str(out)], cwd=REPO,
@@ -239,11 +199,6 @@ def test_adding_a_split_later_keeps_the_first(tree, reference, tmp_path):
 
 
 # -- bad input: one clear error, nothing half-written ----------------------------------------
-
-
-def assert_clean(out: Path) -> None:
-    assert not (out / "manifest.json").exists()
-    assert leftovers(out) == []
 
 
 def corrupt_keeping_crcs(path: Path) -> None:

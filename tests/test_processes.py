@@ -11,38 +11,13 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import BACKENDS, REPO, alive, descendants
 
 from pipeline.loader import dali_available
 
-pytestmark = pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
-
-REPO = Path(__file__).resolve().parents[1]
-BACKENDS = [pytest.param("dali", marks=pytest.mark.skipif(not dali_available(),
-                                                          reason="nvidia.dali not installed")),
-            "torch"]
-
-
-def descendants(pid: int) -> list[int]:
-    """Every process below `pid`, children first."""
-    found, todo = [], [pid]
-    while todo:
-        for task in Path(f"/proc/{todo.pop()}/task").glob("*"):
-            try:
-                kids = [int(k) for k in (task / "children").read_text().split()]
-            except OSError:
-                continue
-            found += kids
-            todo += kids
-    return found
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"  # a zombie holds no memory; its new parent reaps it
-
+pytestmark = [pytest.mark.slow,  # processes started, killed and counted
+              pytest.mark.skipif(not Path("/proc/self/task").is_dir(),
+                                 reason="needs Linux /proc")]
 
 def shared_segments(pids: list[int]) -> set[str]:
     """The /dev/shm files these processes have mapped (semaphores, DALI's segments)."""

@@ -13,12 +13,10 @@ import subprocess
 import sys
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
-from test_cli_train import FIT, citytrain, fails
-from test_train import blocks, tiny
+from helpers import FIT, REPO, blocks, citytrain, fails, tiny
 
 from train import engine
 from train.checkpoint import load_checkpoint
@@ -31,8 +29,6 @@ from train.config import (
     resumed,
 )
 from train.fit import fit
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _rows(run) -> list[dict]:
@@ -222,6 +218,7 @@ def test_init_takes_the_architecture_from_its_checkpoint(shards, tmp_path):
 
 # -- step checkpoints -------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_crash_between_step_checkpoints_resumes_to_the_uninterrupted_weights(make_dataset,
                                                                                tmp_path,
                                                                                monkeypatch):
@@ -275,6 +272,7 @@ for step in range(1, 10_000):
 """
 
 
+@pytest.mark.slow
 def test_a_kill_during_a_save_leaves_the_previous_checkpoint_whole(tmp_path):
     last = tmp_path / "checkpoints" / "last.pt"
     proc = subprocess.Popen([sys.executable, "-c", KILL_DURING_SAVES, str(last)], cwd=REPO,
@@ -326,6 +324,7 @@ def test_bench_checkpoint_figures_a_save_against_each_save_every(tmp_path):
     assert list(tmp_path.iterdir()) == [out]  # its checkpoints are gone
 
 
+@pytest.mark.slow
 def test_a_second_sigterm_does_not_kill_the_save_the_first_asked_for():
     # SLURM signals every process of the job step and torchrun passes its own SIGTERM on
     with engine.Stopper().installed() as stopper:
@@ -336,6 +335,7 @@ def test_a_second_sigterm_does_not_kill_the_save_the_first_asked_for():
         assert signal.getsignal(signal.SIGINT) == stopper._handle  # Ctrl-C: still caught
 
 
+@pytest.mark.slow
 def test_make_trains_memory_check_of_a_resumed_run_only_checks(make_dataset, tmp_path):
     # make train: `fit ... --resume auto --preflight-only`, then torchrun `... --no-preflight`;
     # the run's config says preflight false, the check must not train for it

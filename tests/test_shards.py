@@ -8,9 +8,10 @@ import h5py
 import numpy as np
 import pytest
 from cityscapesscripts.helpers.labels import id2label
+from helpers import read_split
 from PIL import Image
-from test_preprocess import read_split
 
+from pipeline.files import sha256_file
 from pipeline.labels import get_mapping
 from pipeline.shards import (
     FORMAT_VERSION,
@@ -19,7 +20,6 @@ from pipeline.shards import (
     load_manifest,
     open_shard,
     sample_stats,
-    sha256_file,
     shard_info,
 )
 

@@ -3,55 +3,27 @@
 from __future__ import annotations
 
 import csv
-import os
-import socket
 from dataclasses import asdict, replace
 
-import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
+from helpers import blocks, ddp_worker, free_port, tiny
 
 from pipeline.labels import get_mapping
 from train import fit as fit_module
 from train.checkpoint import load_checkpoint
-from train.engine import Config, TrainingError, lr_factor, train_step
+from train.engine import TrainingError, lr_factor, train_step
 from train.fit import fit
 from train.losses import build_loss
 from train.models.plain import UNet
-
-CLASSES = (0, 2, 8, 10, 13)  # road, building, vegetation, sky, car (trainid)
-
-
-def blocks(n: int, h: int = 32, w: int = 48, seed: int = 0):
-    """Frames of random rectangles of a few classes, each pixel its class colour plus noise.
-
-    No ignore pixels, so every process of a multi-process run averages over equal pixel counts.
-    """
-    rng = np.random.default_rng(seed)
-    palette = get_mapping("trainid").palette.astype(np.int16)
-    labels = np.full((n, h, w), CLASSES[0], np.uint8)
-    for lab in labels:
-        for _ in range(6):
-            y, x = rng.integers(0, h - 4), rng.integers(0, w - 4)
-            lab[y:y + rng.integers(4, h // 2), x:x + rng.integers(4, w // 2)] = rng.choice(CLASSES)
-    noise = rng.integers(-25, 26, (n, h, w, 3))
-    images = np.clip(palette[labels] + noise, 0, 255).astype(np.uint8)
-    names = [f"blocks_{i:06d}_000019" for i in range(n)]
-    return images, labels, names
-
-
-def tiny(data, out, **kw) -> Config:
-    base = dict(data=str(data), out=str(out), width=8, depth=2, epochs=2, batch_size=4,
-                crop=None, scale=(1.0, 1.0), flip=False, jitter=0.0, optimizer="sgd", lr=0.05,
-                amp="off", workers=0, progress=False, grid_samples=2, device="cpu")
-    return Config(**{**base, **kw})
 
 
 def weights(path) -> dict[str, torch.Tensor]:
     return load_checkpoint(path)["model"]
 
 
+@pytest.mark.slow
 def test_overfits_a_handful_of_samples(make_dataset, tmp_path):
     images, labels, names = blocks(4)
     data = make_dataset({"train": (images, labels, names), "val": (images, labels, names)})
@@ -66,20 +38,7 @@ def test_overfits_a_handful_of_samples(make_dataset, tmp_path):
     assert (tmp_path / "run" / "predictions" / "epoch_100" / "val.png").is_file()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _ddp_worker(rank: int, world_size: int, port: int, cfg: dict) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
-                      LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    torch.set_num_threads(1)  # two processes share the cores
-    fit(Config(**cfg))
-
-
+@pytest.mark.slow
 def test_two_gloo_processes_match_one_with_the_same_global_batch(make_dataset, tmp_path):
     images, labels, names = blocks(12)
     data = make_dataset({"train": (images[:8], labels[:8], names[:8]),
@@ -89,7 +48,7 @@ def test_two_gloo_processes_match_one_with_the_same_global_batch(make_dataset, t
                jitter=0.2, lr=0.1)
     one = fit(cfg)
     two_cfg = replace(cfg, out=str(tmp_path / "two"), batch_size=2)
-    mp.spawn(_ddp_worker, args=(2, _free_port(), asdict(two_cfg)), nprocs=2)
+    mp.spawn(ddp_worker, args=(2, free_port(), asdict(two_cfg)), nprocs=2)
 
     a = weights(tmp_path / "one/checkpoints/last.pt")
     b = weights(tmp_path / "two/checkpoints/last.pt")

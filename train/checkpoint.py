@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from pipeline import sizes
-from pipeline.shards import atomic_write_bytes
+from pipeline.files import atomic_write_bytes
 from train.models.registry import arch_of
 
 FORMAT = "cityseg-checkpoint"

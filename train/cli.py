@@ -19,6 +19,7 @@ Sizes: an image's --size is WxH; a crop, window or stride is HxW (pipeline/sizes
 from __future__ import annotations
 
 import functools
+import importlib
 import json
 import os
 from pathlib import Path
@@ -35,11 +36,35 @@ from train.config import (
     Interrupted,
     TrainingError,
     read_config_file,
+    shown,
 )
 
 DEFAULTS = Config()
-BACKENDS = click.Choice(["auto", "dali", "torch"])
+
+
+class Owned(click.Choice):
+    """The choices a module exports ("train.losses:LOSSTYPES"), read when click first needs
+    them (help, a typed value): the owners import torch, which start-up, and every loader
+    worker that spawn starts by re-importing this module, should not pay."""
+
+    def __init__(self, where: str) -> None:
+        self.where, self.case_sensitive = where, True
+
+    @functools.cached_property
+    def choices(self) -> tuple[str, ...]:
+        module, name = self.where.split(":")
+        return tuple(getattr(importlib.import_module(module), name))
+
+
+BACKENDS = Owned("pipeline.loader:BACKENDS")
+DEVICES = Owned("pipeline.devices:DEVICES")
+OPTIMIZERS = Owned("train.engine:OPTIMIZERS")
 AMPS = click.Choice(list(AMP_MODES))
+
+
+def typed_default(name: str) -> str:
+    """Config's default of a setting as the user would type it: fit's options show these."""
+    return shown(name, getattr(DEFAULTS, name))
 
 
 def _errors():
@@ -123,14 +148,14 @@ def inference_options(prefix: str = "", max_windows: bool = True):
     """--mode --window --stride --scales --flip [--max-windows]; `prefix` "eval-" for fit."""
     p = f"--{prefix}"
     options = [
-        click.option(f"{p}mode", default="whole", type=click.Choice(["whole", "slide"]),
+        click.option(f"{p}mode", default=DEFAULTS.eval_mode, type=Owned("train.inference:MODES"),
                      help="whole: the image at once; slide: overlapping windows, outputs "
                           "averaged where they overlap."),
         click.option(f"{p}window", default=None, metavar="HxW",
                      help="Slide window HxW at the model's scale, e.g. 512x1024."),
         click.option(f"{p}stride", default=None, metavar="HxW",
                      help="Slide stride HxW [2/3 of the window: 341x683 for 512x1024]."),
-        click.option(f"{p}scales", default="1.0", metavar="S,S,...",
+        click.option(f"{p}scales", default=typed_default("eval_scales"), metavar="S,S,...",
                      help="Test-time scales of the training size, outputs averaged, e.g. "
                           "0.5,0.75,1.0,1.25,1.5,1.75."),
         click.option(f"{p}flip", is_flag=True,
@@ -182,14 +207,14 @@ def main() -> None:
 @click.option("--epochs", default=DEFAULTS.epochs, type=click.IntRange(1))
 @click.option("--batch-size", default=DEFAULTS.batch_size, type=click.IntRange(1),
               help="Images per process (per GPU).")
-@click.option("--crop", default="512x1024", metavar="HxW|full",
+@click.option("--crop", default=typed_default("crop"), metavar="HxW|full",
               help="Training crop HxW (a crop: height first), or 'full'.")
-@click.option("--scale", default="0.5,2.0", help="Random rescale range MIN,MAX.")
+@click.option("--scale", default=typed_default("scale"), help="Random rescale range MIN,MAX.")
 @click.option("--flip/--no-flip", default=DEFAULTS.flip)
 @click.option("--jitter", default=DEFAULTS.jitter, type=click.FloatRange(0, 1),
               help="Photometric jitter strength.")
 @click.option("--lr", type=float, default=None, help="Peak LR [0.01 sgd, 1e-3 adamw].")
-@click.option("--optimizer", default=DEFAULTS.optimizer, type=click.Choice(["sgd", "adamw"]))
+@click.option("--optimizer", default=DEFAULTS.optimizer, type=OPTIMIZERS)
 @click.option("--weight-decay", type=float, default=None, help="[1e-4 sgd, 1e-2 adamw]")
 @click.option("--warmup", default=DEFAULTS.warmup, type=click.IntRange(0),
               help="Iterations of linear LR warmup.")
@@ -211,10 +236,10 @@ def main() -> None:
               help="plain: channels at full resolution.")
 @click.option("--depth", default=DEFAULTS.depth, type=click.IntRange(1),
               help="plain: poolings.")
-@click.option("--upsample", default=DEFAULTS.upsample, type=click.Choice(["bilinear", "transpose"]),
+@click.option("--upsample", default=DEFAULTS.upsample,
+              type=Owned("train.models.plain:UPSAMPLE_MODES"),
               help="plain: how the decoder upsamples.")
-@click.option("--losstype", default=DEFAULTS.losstype,
-              type=click.Choice(["segment", "reconstruction"]))
+@click.option("--losstype", default=DEFAULTS.losstype, type=Owned("train.losses:LOSSTYPES"))
 @click.option("--class-weights", is_flag=True, help="ENet class weights from the manifest.")
 @click.option("--amp", default=DEFAULTS.amp, type=AMPS,
               help="Autocast dtype; the loss is fp32 either way, fp16 adds a GradScaler.")
@@ -226,7 +251,7 @@ def main() -> None:
               help="torch.compile the model (with several processes: needs --no-sync-bn).")
 @click.option("--sync-bn/--no-sync-bn", default=DEFAULTS.sync_bn,
               help="SyncBatchNorm across processes.")
-@click.option("--device", default=DEFAULTS.device, type=click.Choice(["auto", "cpu", "cuda"]),
+@click.option("--device", default=DEFAULTS.device, type=DEVICES,
               help="auto: this rank's GPU when CUDA is there, else the CPU.")
 @click.option("--workers", type=click.IntRange(0), default=None, help="Loader worker processes.")
 @click.option("--backend", default=DEFAULTS.backend, type=BACKENDS,
@@ -253,10 +278,11 @@ def main() -> None:
                    "schedule and epochs), and its architecture unless --width, --depth, "
                    "--upsample or --losstype say otherwise; same classes unless --init-head "
                    "reset.")
-@click.option("--init-head", default=DEFAULTS.init_head, type=click.Choice(["keep", "reset"]),
+@click.option("--init-head", default=DEFAULTS.init_head,
+              type=Owned("train.checkpoint:INIT_HEADS"),
               help="With --init: keep the checkpoint's last layer, or start it afresh (for "
                    "a checkpoint of another class set).")
-@click.option("--progress/--no-progress", default=True)
+@click.option("--progress/--no-progress", default=DEFAULTS.progress)
 @click.option("--preflight/--no-preflight", default=DEFAULTS.preflight,
               help="Measure one step's memory first; stop with a message if it won't fit.")
 @click.option("--preflight-only", is_flag=True,
@@ -335,7 +361,7 @@ def _fit_settings(typed: dict) -> dict:
 @click.option("--batch-size", default=4, type=click.IntRange(1),
               help="Images per batch at shard resolution.")
 @click.option("--amp", default="off", type=AMPS)
-@click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--device", default="auto", type=DEVICES)
 @click.option("--workers", type=click.IntRange(0), default=None)
 @click.option("--backend", default="auto", type=BACKENDS)
 @friendly_errors
@@ -399,7 +425,7 @@ def evaluate(checkpoint: Path, data: Path | None, split: str, out: Path | None,
 @inference_options()
 @click.option("--amp", default="off", type=AMPS,
               help="Autocast the model to this precision (a checkpoint only).")
-@click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--device", default="auto", type=DEVICES)
 @friendly_errors
 def predict(checkpoint: Path | None, onnx_model: Path | None, inputs: tuple[Path, ...],
             out: Path | None, video: Path | None, every: int, layout: str, fps: float | None,
@@ -509,10 +535,10 @@ def export(checkpoint: Path, format_: str, out: Path, argmax: bool, check_size: 
 @click.option("--classes", "num_classes", default=19, type=click.IntRange(1))
 @click.option("--steps", default=20, type=click.IntRange(1), help="Timed steps.")
 @click.option("--warmup-steps", default=3, type=click.IntRange(0), help="Untimed steps first.")
-@click.option("--optimizer", default="sgd", type=click.Choice(["sgd", "adamw"]))
+@click.option("--optimizer", default="sgd", type=OPTIMIZERS)
 @click.option("--compile", "compile_", is_flag=True)
 @click.option("--channels-last", is_flag=True)
-@click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--device", default="auto", type=DEVICES)
 @click.option("--tf32/--no-tf32", default=False,
               help="TF32 for fp32 work on CUDA (--amp off measures true fp32 without it).")
 @click.option("--peak-tflops", type=float, default=None,
@@ -649,7 +675,7 @@ def gpu_report(out: Path, budget: float) -> None:
               help="Windows per forward pass.")
 @click.option("--amp", default="off", type=AMPS,
               help="Autocast the model to this precision.")
-@click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]),
+@click.option("--device", default="auto", type=DEVICES,
               help="Where to run [the GPU when there is one].")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None,
               help="Also write the figures here.")
@@ -685,7 +711,7 @@ def bench_inference(size: str | None, onnx: bool, window: str, stride: str | Non
 @click.option("--crop", default="512x1024", help="HxW of the synthetic batch.")
 @click.option("--batch-size", default=8, type=click.IntRange(1))
 @click.option("--amp", default="bf16", type=AMPS)
-@click.option("--optimizer", default="sgd", type=click.Choice(["sgd", "adamw"]),
+@click.option("--optimizer", default="sgd", type=OPTIMIZERS,
               help="Its state is saved too (AdamW's is twice SGD's).")
 @click.option("--every", default=",".join(map(str, (50, 100, 200, 500, 1000))),
               help="The --save-every values to figure the share of time for.")
@@ -694,7 +720,7 @@ def bench_inference(size: str | None, onnx: bool, window: str, stride: str | Non
               help="Where to write them: the file system the run will use [the temp dir].")
 @click.option("--step-seconds", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Seconds per training step to figure against [measured here].")
-@click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--device", default="auto", type=DEVICES)
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None,
               help="Also write the figures here.")
 @friendly_errors
@@ -752,7 +778,7 @@ def _write_json(path: Path | None, report: dict) -> None:
 @click.option("--predictions", required=True, type=click.Path(path_type=Path),
               help="Folder of {city}_{seq}_{frame}*.png labelId PNGs (e.g. --export-official).")
 @click.option("--split", default="val", help="The split the PNGs predict.")
-@click.option("--device", default="cpu", type=click.Choice(["auto", "cpu", "cuda"]),
+@click.option("--device", default="cpu", type=DEVICES,
               help="Where our evaluator counts.")
 @friendly_errors
 def compare_official(datadir: Path, predictions: Path, split: str, device: str) -> None:

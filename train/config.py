@@ -138,8 +138,8 @@ def option(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _shown(name: str, value) -> str:
-    """A setting's value as the user would type it."""
+def shown(name: str, value) -> str:
+    """A setting's value as the user would type it (what `citytrain fit --help` shows)."""
     if name in SIZE_FIELDS and value is not None:
         return sizes.text(value)
     if name == "crop" and value is None:
@@ -258,12 +258,12 @@ def resumed(saved: dict, cfg: Config, given: Iterable[str], path: Path | str) ->
         other = [k for k in differ if k not in ARCH_FIELDS]
         said = []
         if arch:
-            have = ", ".join(f"{k}={_shown(k, getattr(theirs, k))}" for k in arch)
-            want = ", ".join(f"{k}={_shown(k, getattr(mine, k))}" for k in arch)
+            have = ", ".join(f"{k}={shown(k, getattr(theirs, k))}" for k in arch)
+            want = ", ".join(f"{k}={shown(k, getattr(mine, k))}" for k in arch)
             said.append(f"checkpoint is another architecture ({have}); this run builds {want}")
         if other:
-            have = " ".join(f"{option(k)} {_shown(k, getattr(theirs, k))}" for k in other)
-            want = " ".join(f"{option(k)} {_shown(k, getattr(mine, k))}" for k in other)
+            have = " ".join(f"{option(k)} {shown(k, getattr(theirs, k))}" for k in other)
+            want = " ".join(f"{option(k)} {shown(k, getattr(mine, k))}" for k in other)
             said.append(f"the run was trained with {have}; this command gives {want}")
         raise TrainingError(
             f"{path}: {'; '.join(said)}. A resumed run takes its settings from its "

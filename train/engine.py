@@ -34,6 +34,7 @@ from train.metrics import ConfusionMatrix
 __all__ = ["Config", "Interrupted", "TrainingError"]  # re-exported for callers
 
 
+OPTIMIZERS = ("sgd", "adamw")  # what build_optimizer builds
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}  # of AMP_MODES
 
 
@@ -119,7 +120,7 @@ def build_optimizer(model: nn.Module, cfg: Config, *, fused: bool | None = None)
         return opt
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.resolved_lr(), **fused)
-    raise ValueError(f"optimizer must be sgd or adamw, not {cfg.optimizer!r}")
+    raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, not {cfg.optimizer!r}")
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from pipeline import sizes
-from pipeline.shards import atomic_write_bytes
+from pipeline.files import atomic_write_bytes
 from train.inference import Inference, infer
 from train.visualize import write_evaluation_pictures
 

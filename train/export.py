@@ -42,11 +42,11 @@ from pipeline.cityscapes import (
     read_label_ids,
     sibling,
 )
+from pipeline.files import tmp_path_for
 from pipeline.labels import Mapping, get_mapping
 from pipeline.photometric import normalize
 from pipeline.preprocess import resize_image
 from pipeline.sampling import Plan
-from pipeline.shards import tmp_path_for
 from train.inference import WHOLE, Inference, infer
 from train.losses import PixelLoss, build_loss
 from train.metrics import ConfusionMatrix, InstanceStats

@@ -24,8 +24,9 @@ from torch import nn
 from tqdm import tqdm
 
 from pipeline import sizes
+from pipeline.files import sweep_temporaries
 from pipeline.loader import build_loader
-from pipeline.shards import MANIFEST_NAME, load_manifest, sweep_temporaries
+from pipeline.shards import MANIFEST_NAME, load_manifest
 from train import distributed, evaluation, preflight
 from train.checkpoint import (
     CheckpointWriter,

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from pipeline import sizes
-from pipeline.shards import tmp_path_for
+from pipeline.files import tmp_path_for
 from train.checkpoint import load_checkpoint, model_from_checkpoint
 from train.losses import PixelLoss, build_loss
 from train.onnx_runtime import FORMAT, FORMAT_VERSION, OnnxError, open_session, require

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pipeline import sizes
-from pipeline.shards import atomic_write_bytes
+from pipeline.files import atomic_write_bytes
 
 if TYPE_CHECKING:
     from train.engine import RunState

@@ -9,8 +9,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from pipeline.files import atomic_write_bytes
 from pipeline.labels import colorize
-from pipeline.shards import atomic_write_bytes
 
 
 def _numpy(x) -> np.ndarray:

@@ -1,0 +1,94 @@
+"""The house's layers point one way: pipeline/ never imports train/, and no module imports
+itself back through others (imports inside functions count: they only defer the circle)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+from helpers import REPO
+
+PACKAGES = ("pipeline", "train")
+
+
+def modules() -> dict[str, Path]:
+    """Dotted name -> file, for every module of the project's packages."""
+    found = {}
+    for package in PACKAGES:
+        for path in sorted((REPO / package).rglob("*.py")):
+            parts = path.relative_to(REPO).with_suffix("").parts
+            found[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return found
+
+
+def imports(path: Path, name: str) -> set[str]:
+    """Every module `path` imports, at the top or inside a function, as dotted names."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: from the package up `level - 1` steps
+                up = package.split(".")[:len(package.split(".")) - node.level + 1]
+                base = ".".join(up + ([base] if base else []))
+            found.add(base)
+            found |= {f"{base}.{alias.name}" for alias in node.names}  # `from pkg import mod`
+    return found
+
+
+def graph() -> dict[str, set[str]]:
+    mods = modules()
+    return {name: {m for m in imports(path, name) if m in mods and m != name}
+            for name, path in mods.items()}
+
+
+def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan)."""
+    index, low, stack, on_stack, found = {}, {}, [], set(), []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(edges[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(edges):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_the_import_graph_is_read_from_the_sources():
+    edges = graph()
+    assert "pipeline.loader_base" in edges["pipeline.torch_loader"]
+    assert "pipeline.torch_loader" in edges["pipeline.loader"]
+    assert "pipeline.loader" in edges["train.fit"]
+    assert "train.models.registry" in edges["train.models"]
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_pipeline_never_imports_train():
+    reaching_up = {name: sorted(m for m in imports(path, name) if m.split(".")[0] == "train")
+                   for name, path in modules().items() if name.startswith("pipeline")}
+    assert {k: v for k, v in reaching_up.items() if v} == {}
+
+
+def test_no_module_imports_itself_back():
+    assert cycles(graph()) == []
