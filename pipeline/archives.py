@@ -114,3 +114,14 @@ def read_member(src: Member) -> bytes:
     if held is None or held[0] != pid:  # never a handle from before a fork
         held = _handles[src.archive] = (pid, zipfile.ZipFile(src.archive))
     return held[1].read(src.member)
+
+
+def tree_parts(root: Path) -> list[str]:
+    """What of a Cityscapes tree `root` holds ('leftImg8bit/', 'gtFine_trainvaltest.zip', ...),
+    by name only: empty for any other folder. For messages that tell a tree from shards."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    downloads = sorted(set(OFFICIAL.values()))
+    return ([f"{top}/" for top in TOPS if (root / top).is_dir()]
+            + [name for name in downloads if (root / name).is_file()])

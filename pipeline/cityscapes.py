@@ -38,7 +38,8 @@ import pyspng
 from PIL import Image
 
 from pipeline import archives
-from pipeline.archives import OFFICIAL, Member
+from pipeline.archives import OFFICIAL, Member, tree_parts
+from pipeline.shards import MANIFEST_NAME
 
 MODES = {"fine": "gtFine", "coarse": "gtCoarse"}
 IMAGE_MODES = ("RGB", "RGBA", "L", "P")  # all decoded to RGB
@@ -124,21 +125,8 @@ def _download_again(archive: Path) -> str:
 # -- discovery ---------------------------------------------------------------------------------
 
 
-def tree_parts(root: Path) -> list[str]:
-    """What of a Cityscapes tree `root` holds ('leftImg8bit/', 'gtFine_trainvaltest.zip', ...),
-    by name only: empty for any other folder. For messages that tell a tree from shards."""
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    downloads = sorted(set(OFFICIAL.values()))
-    return ([f"{top}/" for top in archives.TOPS if (root / top).is_dir()]
-            + [name for name in downloads if (root / name).is_file()])
-
-
 def check_root(root: Path) -> None:
     """`root` must be a folder, and not a shard folder given where the originals belong."""
-    from pipeline.shards import MANIFEST_NAME  # (shards.py imports this module)
-
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"{root}: no such folder (expected a Cityscapes tree or the "

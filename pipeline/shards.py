@@ -27,6 +27,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline import sizes
+from pipeline.archives import tree_parts
 from pipeline.files import atomic_write_bytes, fsync_dir, sha256_file, tmp_path_for
 from pipeline.labels import IGNORE_INDEX, Mapping
 
@@ -222,8 +223,6 @@ def manifest_path(data_dir: Path) -> Path:
 def _not_shards(data_dir: Path) -> str:
     """Why `data_dir` is no shard folder, and what to pass instead: the message for a
     Cityscapes tree, a shard file, an unfinished job or anything else given as --data."""
-    from pipeline.cityscapes import tree_parts
-
     made = "`cityprep preprocess --datadir CITYSCAPES --out DIR`"
     if data_dir.is_file():
         where = f"pass its folder {data_dir.parent}" if data_dir.suffix == ".h5" else \

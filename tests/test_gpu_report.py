@@ -10,6 +10,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from pipeline import devices
 from pipeline import loader as loader_module
 from train import distributed, gpu_report
 from train.cli import main
@@ -148,7 +149,7 @@ def _no_cuda(monkeypatch, tmp_path, nodes: int = 0, smi: bool = False) -> None:
     for i in range(nodes):
         (dev / f"nvidia{i}").touch()
     (dev / "nvidiactl").touch()  # not a GPU
-    monkeypatch.setattr(distributed, "GPU_NODES", str(dev / "nvidia[0-9]*"))
+    monkeypatch.setattr(devices, "GPU_NODES", str(dev / "nvidia[0-9]*"))
     bin_ = tmp_path / "bin"
     bin_.mkdir()
     if smi:
@@ -188,5 +189,5 @@ def test_a_gpu_torch_cannot_use_is_named_with_the_driver_as_the_likely_cause(
                                            r"machine has an NVIDIA GPU .* cannot use it"):
         distributed.local_device("cuda")
     monkeypatch.setattr(torch.version, "cuda", None)
-    assert distributed.why_no_cuda().endswith("is built without CUDA: install a CUDA build of "
+    assert devices.why_no_cuda().endswith("is built without CUDA: install a CUDA build of "
                                               "torch")

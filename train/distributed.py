@@ -18,7 +18,7 @@ from torch.distributed.constants import default_pg_timeout
 
 # The device choice lives beside the loader, which needs it too (a layer below train);
 # every module of train asks it here.
-from pipeline.devices import local_device  # noqa: F401
+from pipeline.devices import local_device, why_no_cuda  # noqa: F401
 
 
 @dataclass(frozen=True)
