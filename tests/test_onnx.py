@@ -228,7 +228,7 @@ def test_predict_with_argmax_onnx_at_full_size(unet_checkpoint, photos, tmp_path
 
 
 def test_bench_compares_the_runtimes():
-    result = CliRunner().invoke(main, ["bench-inference", "--onnx", "--size", "32x64",
+    result = CliRunner().invoke(main, ["bench-inference", "--onnx", "--size", "64x32",
                                        "--width", "4", "--depth", "2", "--images", "1",
                                        "--warmup", "0", "--device", "cpu"])
     assert result.exit_code == 0, result.output

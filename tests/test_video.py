@@ -66,7 +66,7 @@ def test_synth_writes_a_drive_in_the_demovideo_layout(tmp_path):
 def test_video_frames_rate_size_and_order(unet_checkpoint, drive, tmp_path):
     out = tmp_path / "drive.mp4"
     printed = predict_video(unet_checkpoint, drive, out)
-    assert f"{FRAMES} frames of 128x64 at 17 fps" in printed
+    assert f"{FRAMES} frames of 128x64 (WxH) at 17 fps" in printed
     video, rate = decode(out)
     assert len(video) == FRAMES and rate == 17  # the Cityscapes camera's rate
     assert video[0].shape == (*SIZE, 3)
