@@ -205,3 +205,19 @@ def test_ctrl_c_with_loader_workers_saves_and_exits_cleanly(shards, tmp_path, ba
             break
         assert time.monotonic() < deadline, "loader workers outlived the run"
         time.sleep(0.05)
+
+
+def test_a_resume_checks_the_shards_statistics_of_an_older_checkpoint_too(tmp_path):
+    from train.checkpoint import check_data
+
+    here = {"size": [128, 64], "mapping": "trainid", "shards_mean": [0.3, 0.3, 0.3],
+            "shards_std": [0.2, 0.2, 0.2]}
+    older = {"size": [128, 64], "mapping": "trainid", "mean": [0.4, 0.3, 0.3],
+             "std": [0.2, 0.2, 0.2]}  # before shards_mean: its mean is the shards'
+    with pytest.raises(CheckpointError, match=r"other shards than d \(mean \[0.4, 0.3, 0.3\] "
+                                              r"there, \[0.3, 0.3, 0.3\] here\)"):
+        check_data(older, here, tmp_path / "c.pt", "d")
+    check_data({**older, "mean": [0.3, 0.3, 0.3]}, here, tmp_path / "c.pt", "d")
+    # a pretrained model's mean/std are its weights', not the shards'
+    check_data({**older, "normalization": "ResNet18_Weights.IMAGENET1K_V1"}, here,
+               tmp_path / "c.pt", "d")

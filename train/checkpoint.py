@@ -187,6 +187,7 @@ def check_data(state: dict, about: dict, path: Path, data: str | Path = "the dat
         return f"{sizes.text(sizes.from_file(value), 'WxH')} (WxH)" if key == "size" and \
             value is not None else str(value)
 
+    state = {**_shards_statistics(state), **state}
     differ = [k for k in DATA_KEYS if k in state and not same(k, state[k], about.get(k))]
     if differ:
         said = "; ".join("another label mapping" if k == "mapping"
@@ -195,6 +196,14 @@ def check_data(state: dict, about: dict, path: Path, data: str | Path = "the dat
                          for k in differ)
         raise CheckpointError(f"{path}: the run was trained on other shards than {data} "
                               f"({said}); pass --data with the run's shards")
+
+
+def _shards_statistics(state: dict) -> dict:
+    """A checkpoint from before `shards_mean`/`shards_std` normalized with the shards' own
+    statistics (it knew no other), so its `mean`/`std` are them."""
+    if state.get("normalization", "dataset") != "dataset" or "mean" not in state:
+        return {}
+    return {"shards_mean": state["mean"], "shards_std": state["std"]}
 
 
 def load_model_weights(model: torch.nn.Module, state: dict, path: Path) -> None:
