@@ -109,8 +109,7 @@ class DaliLoader(Loader):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self._iter, self._pipe = None, None
-        self._next: Position | None = None  # what the running pipeline delivers next
+        self._iter, self._pipe = None, None  # a running pipeline delivers `position` next
 
     def _build(self, start: Position) -> None:
         from nvidia.dali import pipeline_def
@@ -133,21 +132,19 @@ class DaliLoader(Loader):
         except Exception as e:
             self.close()
             raise worker_error(e) from None
-        self._next = start
 
     def _batches(self, start: Position):
         per_epoch = len(self)
         if per_epoch == 0:
             return
-        if self._iter is None or self._next != start:
-            self._build(start)  # a jump: skipped samples are never read
+        if self._iter is None:  # new, or after a jump: skipped samples are never read
+            self._build(start)
         left = len(self.plan.order(start.epoch)) - start.batch * self.batch_size
         for _ in range(start.batch, per_epoch):
             try:
                 out = next(self._iter)[0]
             except Exception as e:
                 raise worker_error(e) from None
-            self._next = self._next.next(per_epoch)
             n, left = min(self.batch_size, left), left - self.batch_size
             image, label, params = out["image"][:n], out["label"][:n], None
             if self.aug:
@@ -156,9 +153,12 @@ class DaliLoader(Loader):
                     image, label = augment_batch(image, label, params, self.aug.crop)
             yield image, label, out["index"][:n], params
 
+    def _jumped(self) -> None:
+        self.close()  # its pipeline reads ahead from where it was
+
     def close(self) -> None:
         pool = getattr(self._pipe, "_py_pool", None)
-        self._iter, self._pipe, self._next = None, None, None
+        self._iter, self._pipe = None, None
         if pool is not None:
             pool.close()
 

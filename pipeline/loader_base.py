@@ -21,9 +21,12 @@ class Loader:
 
     Backends implement `_batches(start)`: this rank's raw batches from `start` (a `Position`)
     to the end of its epoch, as (image uint8 NxHxWx3, label uint8 NxHxW[x1], index N, params
-    NxP or None). `position` moves on as each batch is handed out; a pass that is abandoned
-    leaves it where it stopped, so `state_dict()` taken then resumes exactly there. Evaluation
-    passes always start afresh.
+    NxP or None). `position` is the one record of where the loader stands: it moves on as
+    each batch is handed out (past an epoch's last batch it is the next epoch's first), a
+    pass that is abandoned leaves it where it stopped, so `state_dict()` taken then resumes
+    exactly there; the trainer asks it rather than counting. A jump (`load_state_dict`, an
+    evaluation pass, which always starts at the split's first batch) goes through `_seek`,
+    which tells the backend (`_jumped`) to drop what it read ahead.
     """
 
     def __init__(self, data_dir: Path, manifest: dict, split: str, plan: Plan,
@@ -41,7 +44,7 @@ class Loader:
         self.ignore_index = int(manifest.get("ignore_index", 255))
         self.num_samples, self.batch_size, self.train = (
             plan.num_samples, plan.batch_size, plan.train)
-        self.position, self._resume = Position(), False
+        self.position = Position()
         self._normalize = Normalizer(self.mean, self.std, dtype)
 
     def __len__(self) -> int:
@@ -77,14 +80,18 @@ class Loader:
                     f"{self.global_batch} ({self.batch_size} per process x "
                     f"{self.plan.world_size}) does not divide {read}")
             batch = read // self.global_batch
-        self.position, self._resume = Position(epoch, batch), True
-        if len(self):
-            self.position = Position.at(self.position.stream(len(self)), len(self))
+        at = Position(epoch, batch)
+        self._seek(Position.at(at.stream(len(self)), len(self)) if len(self) else at)
+
+    def _seek(self, position: Position) -> None:
+        """Stand at `position`; a backend reading ahead from elsewhere starts again there."""
+        if position != self.position:
+            self._jumped()
+        self.position = position
 
     def __iter__(self):
-        if not self.train and not self._resume:
-            self.position = Position(self.position.epoch, 0)
-        self._resume = False
+        if not self.train:
+            self._seek(Position(self.position.epoch, 0))
         start = self.position
         if start.batch >= len(self):  # nothing to read: an empty share of the split
             self.position = Position(start.epoch + 1, 0)
@@ -101,6 +108,9 @@ class Loader:
 
     def _batches(self, start: Position):
         raise NotImplementedError
+
+    def _jumped(self) -> None:
+        """The position moved by other means than handing batches out."""
 
     def close(self) -> None:
         pass

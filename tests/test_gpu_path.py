@@ -162,12 +162,11 @@ def test_training_steps_do_not_wait_for_the_device(make_dataset, tmp_path, monke
 
 
 class FakeLoader:
-    """Ready-made batches, each after `delay` seconds (a loader that keeps up: 0)."""
+    """Ready-made batches, each after `delay` seconds (a loader that keeps up: 0); its
+    position moves on as each is handed out, as a real loader's does."""
 
     def __init__(self, batches: list[dict], delay: float) -> None:
-        self.batches, self.delay = batches, delay
-
-    position = Position()
+        self.batches, self.delay, self.position = batches, delay, Position()
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -175,6 +174,7 @@ class FakeLoader:
     def __iter__(self):
         for batch in self.batches:
             time.sleep(self.delay)
+            self.position = self.position.next(len(self))
             yield batch
 
 
@@ -198,13 +198,14 @@ def test_data_wait_share_is_the_time_blocked_on_the_loader(monkeypatch, delay, d
 
     monkeypatch.setattr(distributed, "all_reduce_sum", device_catching_up)
     cfg = tiny("unused", "unused", log_every=4, epochs=1)
-    state = RunState(total_steps=8)
+    loader = FakeLoader(batches, delay)
+    state = RunState(loader, total_steps=8)
     dist = distributed.Dist(0, 1, 0, torch.device("cpu"))
     criterion = build_loss("segment", palette=[[0, 0, 0]] * 19)
     optimizer = engine.build_optimizer(model, cfg)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     engine.train_step(model, batches[0], criterion, optimizer, scaler, amp="off")  # warm up
-    assert train_one_epoch(model, FakeLoader(batches, delay), criterion, optimizer, scaler,
+    assert train_one_epoch(model, loader, criterion, optimizer, scaler,
                            cfg=cfg, dist=dist, state=state,
                            stopper=Stopper()) is EpochEnd.DONE
     sums = state.epoch_sums
@@ -246,11 +247,12 @@ def test_data_wait_counts_only_what_the_device_waited_for(monkeypatch, step_seco
     batches = [{"image": torch.randn(2, 3, 8, 8), "label": torch.randint(0, 19, (2, 8, 8))}
                for _ in range(8)]
     cfg = tiny("unused", "unused", log_every=4, epochs=1)
-    state = RunState(total_steps=8)
+    loader = FakeLoader(batches, delay)
+    state = RunState(loader, total_steps=8)
     criterion = build_loss("segment", palette=[[0, 0, 0]] * 19)
     optimizer = engine.build_optimizer(model, cfg)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    train_one_epoch(model, FakeLoader(batches, delay), criterion, optimizer, scaler, cfg=cfg,
+    train_one_epoch(model, loader, criterion, optimizer, scaler, cfg=cfg,
                     dist=distributed.Dist(0, 1, 0, torch.device("cpu")), state=state,
                     stopper=Stopper())
     assert state.step == 8

@@ -218,17 +218,28 @@ class RunState:
     """What a run carries across epochs and into its checkpoints, besides the weights.
 
     Every rank holds the same values: they change only through what all ranks agreed on at a
-    sync (`StepLog.sync`) or measured together (evaluation time).
+    sync (`StepLog.sync`) or measured together (evaluation time). Where the run stands in its
+    data, the epoch and the step, is the train loader's `position` (one step a batch), asked
+    and never copied: a checkpoint's epoch, step and loader state cannot disagree.
     """
 
-    epoch: int = 0  # epochs finished
-    step: int = 0  # optimizer steps taken
+    loader: object = None  # the train loader (pipeline/loader_base.py)
     session_steps: int = 0  # steps taken by this process (not saved: the next one starts at 0)
     elapsed: float = 0.0  # seconds of training and evaluation, for --time-limit
     total_steps: int = 0  # of the LR schedule
     best_miou: float = -1.0
     stop: bool = False  # some rank got SIGTERM/SIGINT
     epoch_sums: EpochState = field(default_factory=EpochState)
+
+    @property
+    def epoch(self) -> int:
+        """Epochs trained through: the epoch of the next batch."""
+        return self.loader.position.epoch
+
+    @property
+    def step(self) -> int:
+        """Optimizer steps taken: batches handed out, in this run's global batches."""
+        return self.loader.position.stream(len(self.loader))
 
     def time_up(self, cfg: Config) -> bool:
         return cfg.time_limit is not None and self.elapsed >= cfg.time_limit
@@ -355,8 +366,8 @@ def train_one_epoch(model: nn.Module, loader, criterion: nn.Module,
     """
     model.train()
     lr0 = cfg.resolved_lr()
-    done = loader.position.batch  # batches of this epoch already trained on
-    log = TrainLog(cfg, dist, state, done, len(loader), writer)
+    epoch = loader.position.epoch  # the loader's position moves past it with the last batch
+    log = TrainLog(cfg, dist, state, loader.position.batch, len(loader), writer)
     window = StepLog(dist.device, state.elapsed)
     solo = dist.world_size == 1
     marker = step_marker(dist.device)
@@ -369,7 +380,7 @@ def train_one_epoch(model: nn.Module, loader, criterion: nn.Module,
         for i, value in enumerate(losses):
             if not math.isfinite(value):
                 raise TrainingError(
-                    f"non-finite loss ({value}) at epoch {state.epoch + 1}, step "
+                    f"non-finite loss ({value}) at epoch {epoch + 1}, step "
                     f"{first + i + 1} (losses are read every --log-every {cfg.log_every} "
                     "steps); stopped without saving, the last checkpoint is the last good "
                     "one. Lower --lr, try --clip-grad, or --amp bf16 instead of fp16")
@@ -387,11 +398,12 @@ def train_one_epoch(model: nn.Module, loader, criterion: nn.Module,
         while True:
             # Stop only while batches remain: a finished epoch ends (and is saved) as such,
             # so a checkpoint's loader position and epoch count always agree.
-            if done < len(loader) and not len(window):
+            if loader.position.epoch == epoch and not len(window):
                 if state.stop:
                     return EpochEnd.SIGNAL
                 if state.time_up(cfg):
                     return EpochEnd.TIME
+            step = state.step
             tick = time.perf_counter()
             try:
                 batch = next(it)
@@ -405,24 +417,23 @@ def train_one_epoch(model: nn.Module, loader, criterion: nn.Module,
             elif marker is not None and not marker.query():
                 waited = 0.0  # the last step still runs: blocked on launches, not on data
             time_fraction = state.elapsed / cfg.time_limit if cfg.time_limit else 0.0
-            lr = lr0 * lr_factor(state.step, state.total_steps, cfg.warmup, time_fraction)
+            lr = lr0 * lr_factor(step, state.total_steps, cfg.warmup, time_fraction)
             for group in optimizer.param_groups:
                 group["lr"] = lr * group.get("lr_scale", 1.0)
             loss = train_step(model, batch, criterion, optimizer, scaler, amp=cfg.amp,
                               clip_grad=cfg.clip_grad)
             if marker is not None:
                 marker.record()
-            done += 1
-            state.step += 1
             state.session_steps += 1
             window.add(loss, lr, batch["label"].shape[0] * dist.world_size, waited)
             reason_to_stop = solo and (stopper.signum is not None or (
                 cfg.time_limit is not None and window.local_elapsed() >= cfg.time_limit))
             # every rank knows when a step checkpoint is due, and syncs for it
             due = cfg.save_every > 0 and state.step % cfg.save_every == 0
-            if len(window) >= cfg.log_every or done == len(loader) or reason_to_stop or due:
+            last = loader.position.epoch != epoch  # the epoch's last batch
+            if len(window) >= cfg.log_every or last or reason_to_stop or due:
                 sync()
-                if due and save is not None and done < len(loader) and not state.stop \
+                if due and save is not None and not last and not state.stop \
                         and not state.time_up(cfg):
                     save()
     finally:

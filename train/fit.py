@@ -4,7 +4,7 @@ Read top to bottom: the settings (a resumed run's from its checkpoint, `--init`'
 architecture from its checkpoint), the model (train/models), both loaders (normalised as the
 model's weights expect), loss and optimizer, resume if asked, then the epoch loop: train
 (with a step checkpoint every --save-every steps), evaluate, log, checkpoint, stop on a
-signal or when time runs out; last, the final evaluation into OUT/eval-val
+signal or when time runs out (`Session`); last, the final evaluation into OUT/eval-val
 (train/evaluation.py). The per-step and per-epoch machinery lives in `train/engine.py`.
 """
 
@@ -15,7 +15,7 @@ import signal
 import time
 from collections.abc import Iterable
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -124,237 +124,55 @@ def settings(cfg: Config, given: set[str], last_path: Path) -> tuple[Config, dic
 
 def _fit(cfg: Config, dist: distributed.Dist, saved: dict | None = None) -> dict:
     """Train the run `settings` prepared; `saved` is the checkpoint it resumes, or None."""
-    if cfg.amp not in AMP_DTYPES:
-        raise ValueError(f"amp must be one of {', '.join(AMP_DTYPES)}, not {cfg.amp!r}")
-    out = Path(cfg.out)
-    last_path, best_path = out / "checkpoints" / "last.pt", out / "checkpoints" / "best.pt"
-    if cfg.compile and dist.distributed and cfg.sync_bn:
-        raise TrainingError(
-            "--compile with several processes needs --no-sync-bn: SyncBatchNorm all-reduces "
-            "inside every BatchNorm layer, which breaks the compiled graph at each one (and "
-            "has crashed torch.compile upstream); train with --no-sync-bn (BatchNorm per "
-            "process, fine at 8 or more images per GPU) or without --compile")
-    try:  # a bad setting fails now, not at the end
-        final_inference = evaluation.final_inference(cfg)
-    except ValueError as e:  # the combination may come from the run's config
-        raise TrainingError(str(e).replace("--", "--eval-")) from None
+    final_inference = _checked(cfg, dist)
     seed_everything(cfg.seed)
     speed = cuda_speed_settings(dist.device, tf32=cfg.tf32)
 
     # model: its weights from a checkpoint (resume, --init) or its own (pretrained or fresh)
     manifest = load_manifest(Path(cfg.data))
     final_inference = _against_shards(cfg, manifest, final_inference)
-    try:
-        model = model_from_config(cfg, output_channels(cfg.losstype, len(manifest["classes"])),
-                                  pretrained=saved is None and not cfg.init)
-    except ModelError as e:
-        raise TrainingError(str(e)) from None
-    arch = dict(model.config)
-    if saved is not None and _finished(RunState(epoch=saved["epoch"], elapsed=saved["elapsed"]),
-                                       cfg):  # nothing to train: say so, and its best
-        check_arch(saved, arch, last_path)  # (another model given is refused all the same)
+    model = _model(cfg, manifest, pretrained=saved is None and not cfg.init)
+    last_path = Path(cfg.out) / "checkpoints" / "last.pt"
+    if saved is not None and _finished(saved["epoch"], saved["elapsed"], cfg):
+        check_arch(saved, dict(model.config), last_path)  # another model is refused all the same
         if dist.is_main:
-            tqdm.write(_finished_text(out, saved["epoch"], cfg))
+            tqdm.write(_finished_text(Path(cfg.out), saved["epoch"], cfg))
         return dict(saved.get("metrics") or {})
-    init = None
-    if cfg.init and saved is not None:  # the run's own weights follow; --init is its past
-        init = RunDir.recorded(out, "init")
-    elif cfg.init:  # before SyncBatchNorm and DDP: every rank loads the same weights
-        init = init_from_checkpoint(model, Path(cfg.init), classes=list(manifest["classes"]),
-                                    losstype=cfg.losstype, data=cfg.data, head=cfg.init_head)
-    # the images as the weights saw them: the checkpoint's, the pretrained weights' mean/std,
-    # or the train split's own (manifest) for a model from scratch
-    if saved is not None or init is not None:
-        norm = normalization_of(saved if saved is not None else init)
-    elif model.normalization is not None:
-        norm = {**model.normalization, "normalization": model.normalization["weights"]}
-    else:
-        norm = {"mean": manifest["mean"], "std": manifest["std"], "normalization": "dataset"}
-    mean, std = [float(v) for v in norm["mean"]], [float(v) for v in norm["std"]]
+    init = _init(cfg, model, manifest, resuming=saved is not None)
+    norm = _normalization(model, manifest, saved if saved is not None else init)
 
-    # data
-    common = dict(rank=dist.rank, world_size=dist.world_size, seed=cfg.seed, mean=mean,
-                  std=std, device=dist.device, workers=cfg.workers,
-                  channels_last=cfg.channels_last, backend=cfg.backend)
-    train_loader = build_loader(cfg.data, cfg.train_split, cfg.batch_size, train=True,
-                                crop=cfg.crop or sizes.from_file(manifest["config"]["size"]),
-                                scale=cfg.scale, flip=cfg.flip, jitter=cfg.jitter, **common)
-    if len(train_loader) == 0:
-        raise TrainingError(f"{cfg.data}: the {cfg.train_split} split has "
-                            f"{train_loader.num_samples} "
-                            f"samples, fewer than one batch of {cfg.batch_size} per process "
-                            f"x {dist.world_size} processes; lower --batch-size")
-    val_loader = None
-    if "val" in manifest["splits"]:
-        val_loader = build_loader(cfg.data, "val", cfg.batch_size, train=False, **common)
-    classes, categories = list(train_loader.classes), list(manifest["categories"])
-    palette = np.asarray(train_loader.palette, dtype=np.uint8)
-    memory = None
-    if cfg.preflight or cfg.preflight_only:  # stop now, with a message, not in the OOM killer
-        with torch.random.fork_rng(devices=[dist.device] if dist.device.type == "cuda" else []):
-            memory = preflight.check_fits(cfg, dist, len(classes), train_loader.aug.crop,
-                                          train_loader.workers, train_loader.backend)
-        if dist.is_main and memory.get("step_s", 0.0) >= preflight.SLOW_STEP_S:
-            tqdm.write(preflight.time_estimate(memory["step_s"], len(train_loader), cfg))
-        if cfg.preflight_only:
-            tqdm.write(f"preflight: one step needs about {memory['step_gb']:.1f} GB per process, "
-                       f"{memory['total_gb']:.1f} GB in all, of {memory['budget_gb']:.1f} GB: "
-                       "it fits")
-            return memory
+    # data, and whether a step fits (stop now, with a message, not in the OOM killer)
+    train_loader, val_loader = _loaders(cfg, dist, manifest, norm)
+    memory = _preflight(cfg, dist, train_loader) if cfg.preflight or cfg.preflight_only else None
+    if cfg.preflight_only:
+        return memory
 
-    # loss, optimizer
-    if dist.distributed and cfg.sync_bn:
-        model = distributed.convert_sync_batchnorm(model, dist.device)
-    model.to(dist.device, memory_format=torch.channels_last if cfg.channels_last
-             else torch.contiguous_format)
-    weights = class_weights_from_pixels(manifest["class_pixels"]) if cfg.class_weights else None
-    criterion = build_loss(cfg.losstype, palette=palette, ignore_index=train_loader.ignore_index,
-                           class_weights=weights).to(dist.device)
-    optimizer = build_optimizer(model, cfg)
-    scaler = torch.amp.GradScaler(dist.device.type, enabled=cfg.amp == "fp16")
-    # what a checkpoint says of the model and data: the same all run long
-    about = {"arch": arch, "classes": classes, "categories": categories,
-             "palette": palette.tolist(), "mean": mean, "std": std,
-             "normalization": norm["normalization"], "shards_mean": list(manifest["mean"]),
-             "shards_std": list(manifest["std"]), "losstype": cfg.losstype,
-             "ignore_index": int(train_loader.ignore_index),
-             "size": sizes.to_file(sizes.from_file(manifest["config"]["size"])),
-             "mapping": manifest["config"].get("mapping_def")}
-    state = RunState(total_steps=cfg.epochs * len(train_loader))
+    # loss, optimizer, resume
+    parts, criterion = _parts(cfg, dist, model, train_loader, manifest, norm)
+    state = RunState(train_loader, total_steps=cfg.epochs * len(train_loader))
     if saved is not None:
-        check_arch(saved, arch, last_path)
-        check_classes(saved, classes, last_path, cfg.data)
-        check_data(saved, about, last_path, cfg.data)
-        load_model_weights(model, saved, last_path)
-        load_optimizer_state(optimizer, saved["optimizer"])
-        scaler.load_state_dict(saved["scaler"])
-        set_rng_state(saved["rng"], dist.device)
-        state.epoch, state.step, state.elapsed = saved["epoch"], saved["step"], saved["elapsed"]
-        state.best_miou, state.epoch_sums = saved["best_miou"], EpochState(**saved["epoch_state"])
-        _resume_loader(train_loader, saved["loader"], state, last_path)
-        if dist.is_main:
-            tqdm.write(f"resuming {last_path} at step {state.step}: "
-                       + _where(state, cfg, train_loader) + _restarts(dist))
+        _resume(parts, saved, state, cfg, dist, last_path)
+    train_model, eval_model = _wrapped(parts.model, cfg, dist)
 
-    train_model = model
-    if dist.distributed:
-        ids = [dist.device.index] if dist.device.type == "cuda" else None
-        train_model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
-    eval_model = model
-    if cfg.compile:  # DDP first, then compile: the order torch.compile's DDP support expects
-        train_model, eval_model = torch.compile(train_model), torch.compile(model)
-
-    if dist.is_main and (out / "checkpoints").is_dir():
-        sweep_temporaries(out / "checkpoints")  # what a killed save left behind
-    # a new run in a folder where one never got to its first checkpoint starts clean
-    rundir = RunDir(out, enabled=dist.is_main,
-                    resume_epoch=state.epoch if saved is not None else None,
-                    resume_step=state.step, palette=palette)
+    rundir = _rundir(cfg, dist, state, resumed=saved is not None, about=parts.about)
     rundir.write_config({
         "config": asdict(cfg), "world_size": dist.world_size, "device": str(dist.device),
-        "cuda_settings": speed, "preflight": memory,
-        "model": arch, "classes": classes, "mean": mean, "std": std,
+        "cuda_settings": speed, "preflight": memory, "model": parts.about["arch"],
+        "classes": parts.about["classes"], "mean": norm["mean"], "std": norm["std"],
         "normalization": norm["normalization"],
         "data": {"manifest_config": manifest["config"],
                  "samples": {s: v["samples"] for s, v in manifest["splits"].items()}},
         "steps_per_epoch": len(train_loader), "resumed_from_step": state.step or None,
         "init": init,
     })
-    parts = Parts(model, optimizer, scaler, train_loader, about)
-    rundir.set_status("running", None, state, cfg.epochs)
-    writer = CheckpointWriter()
-
-    def save_step() -> None:  # rank 0, every --save-every steps (train/engine.py)
-        held = writer.save(parts.checkpoint(state, cfg, dist, None), last_path)
-        rundir.writer.add_scalar("checkpoint/held_seconds", held, state.step)
-        rundir.writer.add_scalar("checkpoint/write_seconds", writer.write_seconds, state.step)
-
-    row: dict = {}
-    loaders = [x for x in (train_loader, val_loader) if x is not None]
-    scores = None
-    outcome = ("stopped", "error")  # until the run says otherwise
-    end = None
+    run = Session(cfg, dist, parts, criterion, state, rundir, train_model, eval_model,
+                  val_loader)
     try:
-        with Stopper(announce=dist.is_main).installed() as stopper:
-            for epoch in range(state.epoch, cfg.epochs):
-                end = train_one_epoch(train_model, train_loader, criterion, optimizer, scaler,
-                                      cfg=cfg, dist=dist, state=state, stopper=stopper,
-                                      writer=rundir.writer,
-                                      save=save_step if dist.is_main else None)
-                if end is EpochEnd.SIGNAL:
-                    if dist.is_main:
-                        writer.save(parts.checkpoint(state, cfg, dist, None), last_path,
-                                    wait=True)
-                    outcome = ("stopped", _signal_name(stopper.signum))
-                    raise Interrupted(_stopped_text(stopper.signum, state, cfg, train_loader,
-                                                    last_path), stopper.signum or signal.SIGTERM)
-                final = end is EpochEnd.TIME or epoch + 1 == cfg.epochs or state.time_up(cfg)
-                row = {"epoch": epoch + 1, "step": state.step,
-                       "lr": optimizer.param_groups[0]["lr"], **state.epoch_sums.summary()}
-                scores = None
-                if val_loader is not None and (final or (epoch + 1) % cfg.eval_every == 0):
-                    tick = time.perf_counter()
-                    cm, val_loss, kept = evaluate(
-                        eval_model, val_loader, criterion, device=dist.device, amp=cfg.amp,
-                        keep=cfg.grid_samples if dist.is_main else 0)
-                    val_loader.close()  # its workers would idle until the next evaluation
-                    scores = cm.compute(classes, categories)
-                    # evaluation counts against --time-limit too, the same on every rank
-                    spent = torch.tensor([time.perf_counter() - tick], dtype=torch.float64,
-                                         device=dist.device)
-                    state.elapsed += float(distributed.all_reduce_sum(spent)) / dist.world_size
-                    row.update(val_loss=val_loss, val_miou=scores["miou"],
-                               pixel_acc=scores["pixel_acc"])
-                    rundir.save_grid(epoch + 1, kept, mean=mean, std=std, palette=palette)
-                miou = row.get("val_miou")
-                is_best = miou is not None and miou > state.best_miou
-                state.best_miou = max(state.best_miou, miou) if miou is not None \
-                    else state.best_miou
-                if end is not EpochEnd.TIME:  # a cut-short epoch does not count as done
-                    state.epoch, state.epoch_sums = epoch + 1, EpochState()
-                if dist.is_main:
-                    rundir.log_epoch(row, scores)
-                    # best.pt first: killed between the two, the epoch is redone from the
-                    # previous last.pt and best.pt written again, rather than never
-                    paths = (best_path, last_path) if is_best else (last_path,)
-                    writer.save(parts.checkpoint(state, cfg, dist, row), *paths)
-                    tqdm.write(_summary(row, cfg.epochs))
-                    rundir.set_status("running", None, state, cfg.epochs)
-                # a signal during the epoch's last step or its validation: stop here, on
-                # every rank, rather than a step (or the final evaluation) later
-                signum = _agreed_signal(stopper, state, dist)
-                if signum:
-                    outcome = ("stopped", _signal_name(signum))
-                    raise Interrupted(_stopped_text(signum, state, cfg, train_loader,
-                                                    last_path), signum)
-                if final or state.time_up(cfg):
-                    break
-        why = "time limit" if state.time_up(cfg) or end is EpochEnd.TIME else "epochs"
-        final_metrics = None
-        if val_loader is not None and row:
-            with _stop_at_once(last_path, cfg.data):
-                final_metrics = evaluation.final_evaluation(
-                    eval_model, val_loader, criterion, cfg=cfg, dist=dist,
-                    inference=final_inference, scores=scores, classes=classes,
-                    categories=categories, checkpoint=last_path)
-        outcome = ("done", why)
-        if dist.is_main:
-            if final_metrics is not None:
-                tqdm.write(evaluation.said(final_metrics, Path(cfg.out) / "eval-val"))
-            tqdm.write(_done_text(out, why, state, cfg, rundir.best))
-    except BaseException as e:
-        if outcome[1] == "error":
-            outcome = ("stopped", _failure(e))
-        raise
+        return run.train(final_inference)
     finally:
-        try:
-            writer.close()  # the last checkpoint is on disk before fit returns or raises
-        finally:
-            rundir.set_status(*outcome, state, cfg.epochs)
-            for loader in loaders:
+        for loader in (train_loader, val_loader):
+            if loader is not None:
                 loader.close()
-            rundir.close()
-    return row
 
 
 @dataclass
@@ -384,6 +202,285 @@ class Parts:
         }
 
 
+@dataclass
+class Session:
+    """The epoch loop of one session of a run, and what ends it: train, validate, log,
+    checkpoint; stop on a signal or when time is up; last, the final evaluation."""
+
+    cfg: Config
+    dist: distributed.Dist
+    parts: Parts
+    criterion: nn.Module
+    state: RunState
+    rundir: RunDir
+    train_model: nn.Module
+    eval_model: nn.Module
+    val_loader: object | None
+    writer: CheckpointWriter = field(default_factory=CheckpointWriter)
+
+    @property
+    def last_path(self) -> Path:
+        return Path(self.cfg.out) / "checkpoints" / "last.pt"
+
+    def train(self, final_inference: Inference) -> dict:
+        """The epochs left, then the final evaluation; returns the last epoch's row."""
+        cfg, dist, state = self.cfg, self.dist, self.state
+        self.rundir.set_status("running", None, state, cfg.epochs)
+        outcome, row, scores, end = ("stopped", "error"), {}, None, None  # until known
+        try:
+            with Stopper(announce=dist.is_main).installed() as stopper:
+                for epoch in range(state.epoch, cfg.epochs):
+                    end = train_one_epoch(
+                        self.train_model, self.parts.loader, self.criterion,
+                        self.parts.optimizer, self.parts.scaler, cfg=cfg, dist=dist,
+                        state=state, stopper=stopper, writer=self.rundir.writer,
+                        save=self.save_step if dist.is_main else None)
+                    if end is EpochEnd.SIGNAL:
+                        if dist.is_main:
+                            self.save(None, self.last_path, wait=True)
+                        outcome = ("stopped", _signal_name(stopper.signum))
+                        raise self.interrupted(stopper.signum or signal.SIGTERM)
+                    final = end is EpochEnd.TIME or epoch + 1 == cfg.epochs or state.time_up(cfg)
+                    due = final or (epoch + 1) % cfg.eval_every == 0
+                    row, scores = self.validate(epoch, due)
+                    if end is not EpochEnd.TIME:  # a cut-short epoch's sums go on
+                        state.epoch_sums = EpochState()
+                    self.end_epoch(row, scores)
+                    # a signal during the epoch's last step or its validation: stop here, on
+                    # every rank, rather than a step (or the final evaluation) later
+                    signum = _agreed_signal(stopper, state, dist)
+                    if signum:
+                        outcome = ("stopped", _signal_name(signum))
+                        raise self.interrupted(signum)
+                    if final or state.time_up(cfg):
+                        break
+            why = "time limit" if state.time_up(cfg) or end is EpochEnd.TIME else "epochs"
+            final_metrics = None
+            if self.val_loader is not None and row:
+                with _stop_at_once(self.last_path, cfg.data):
+                    final_metrics = evaluation.final_evaluation(
+                        self.eval_model, self.val_loader, self.criterion, cfg=cfg, dist=dist,
+                        inference=final_inference, scores=scores,
+                        classes=self.parts.about["classes"],
+                        categories=self.parts.about["categories"], checkpoint=self.last_path)
+            outcome = ("done", why)
+            if dist.is_main:
+                if final_metrics is not None:
+                    tqdm.write(evaluation.said(final_metrics, Path(cfg.out) / "eval-val"))
+                tqdm.write(_done_text(Path(cfg.out), why, state, cfg, self.rundir.best))
+        except BaseException as e:
+            if outcome[1] == "error":
+                outcome = ("stopped", _failure(e))
+            raise
+        finally:
+            try:
+                self.writer.close()  # the last checkpoint is on disk before fit ends
+            finally:
+                self.rundir.set_status(*outcome, state, cfg.epochs)
+                self.rundir.close()
+        return row
+
+    def validate(self, epoch: int, due: bool) -> tuple[dict, dict | None]:
+        """The epoch's metrics.csv row, with the val split's scores when one is `due`."""
+        cfg, dist, state = self.cfg, self.dist, self.state
+        row = {"epoch": epoch + 1, "step": state.step,
+               "lr": self.parts.optimizer.param_groups[0]["lr"], **state.epoch_sums.summary()}
+        if self.val_loader is None or not due:
+            return row, None
+        about = self.parts.about
+        tick = time.perf_counter()
+        cm, val_loss, kept = evaluate(self.eval_model, self.val_loader, self.criterion,
+                                      device=dist.device, amp=cfg.amp,
+                                      keep=cfg.grid_samples if dist.is_main else 0)
+        self.val_loader.close()  # its workers would idle until the next evaluation
+        scores = cm.compute(about["classes"], about["categories"])
+        # evaluation counts against --time-limit too, the same on every rank
+        spent = torch.tensor([time.perf_counter() - tick], dtype=torch.float64,
+                             device=dist.device)
+        state.elapsed += float(distributed.all_reduce_sum(spent)) / dist.world_size
+        row.update(val_loss=val_loss, val_miou=scores["miou"], pixel_acc=scores["pixel_acc"])
+        self.rundir.save_grid(epoch + 1, kept, mean=about["mean"], std=about["std"],
+                              palette=np.asarray(about["palette"], dtype=np.uint8))
+        return row, scores
+
+    def end_epoch(self, row: dict, scores: dict | None) -> None:
+        """best.pt and last.pt, metrics.csv, the summary line and status.json."""
+        miou = row.get("val_miou")
+        is_best = miou is not None and miou > self.state.best_miou
+        if miou is not None:
+            self.state.best_miou = max(self.state.best_miou, miou)
+        if self.dist.is_main:
+            self.rundir.log_epoch(row, scores)
+            # best.pt first: killed between the two, the epoch is redone from the previous
+            # last.pt and best.pt written again, rather than never
+            best = self.last_path.with_name("best.pt")
+            self.save(row, *((best, self.last_path) if is_best else (self.last_path,)))
+            tqdm.write(_summary(row, self.cfg.epochs))
+            self.rundir.set_status("running", None, self.state, self.cfg.epochs)
+
+    def save(self, row: dict | None, *paths: Path, wait: bool = False) -> float:
+        return self.writer.save(self.parts.checkpoint(self.state, self.cfg, self.dist, row),
+                                *paths, wait=wait)
+
+    def save_step(self) -> None:  # rank 0, every --save-every steps (train/engine.py)
+        held = self.save(None, self.last_path)
+        self.rundir.writer.add_scalar("checkpoint/held_seconds", held, self.state.step)
+        self.rundir.writer.add_scalar("checkpoint/write_seconds", self.writer.write_seconds,
+                                      self.state.step)
+
+    def interrupted(self, signum: int | None) -> Interrupted:
+        return Interrupted(_stopped_text(signum, self.state, self.cfg, self.parts.loader,
+                                         self.last_path), signum)
+
+
+# -- the steps of _fit -------------------------------------------------------------------------
+
+def _checked(cfg: Config, dist: distributed.Dist) -> Inference:
+    """Settings refused before any work; the final evaluation's settings, checked."""
+    if cfg.amp not in AMP_DTYPES:
+        raise ValueError(f"amp must be one of {', '.join(AMP_DTYPES)}, not {cfg.amp!r}")
+    if cfg.compile and dist.distributed and cfg.sync_bn:
+        raise TrainingError(
+            "--compile with several processes needs --no-sync-bn: SyncBatchNorm all-reduces "
+            "inside every BatchNorm layer, which breaks the compiled graph at each one (and "
+            "has crashed torch.compile upstream); train with --no-sync-bn (BatchNorm per "
+            "process, fine at 8 or more images per GPU) or without --compile")
+    try:  # a bad setting fails now, not at the end
+        return evaluation.final_inference(cfg)
+    except ValueError as e:  # the combination may come from the run's config
+        raise TrainingError(str(e).replace("--", "--eval-")) from None
+
+
+def _model(cfg: Config, manifest: dict, *, pretrained: bool) -> nn.Module:
+    try:
+        return model_from_config(cfg, output_channels(cfg.losstype, len(manifest["classes"])),
+                                 pretrained=pretrained)
+    except ModelError as e:
+        raise TrainingError(str(e)) from None
+
+
+def _init(cfg: Config, model: nn.Module, manifest: dict, *, resuming: bool) -> dict | None:
+    """--init's checkpoint, loaded into `model`; resuming, the run's own weights follow and
+    --init is its past (config.json's record of it)."""
+    if not cfg.init:
+        return None
+    if resuming:
+        return RunDir.recorded(Path(cfg.out), "init")
+    # before SyncBatchNorm and DDP: every rank loads the same weights
+    return init_from_checkpoint(model, Path(cfg.init), classes=list(manifest["classes"]),
+                                losstype=cfg.losstype, data=cfg.data, head=cfg.init_head)
+
+
+def _normalization(model: nn.Module, manifest: dict, checkpoint: dict | None) -> dict:
+    """The images as the weights saw them: the checkpoint's, the pretrained weights' mean/std,
+    or the train split's own (manifest) for a model from scratch."""
+    if checkpoint is not None:
+        norm = normalization_of(checkpoint)
+    elif model.normalization is not None:
+        norm = {**model.normalization, "normalization": model.normalization["weights"]}
+    else:
+        norm = {"mean": manifest["mean"], "std": manifest["std"], "normalization": "dataset"}
+    return {**norm, "mean": [float(v) for v in norm["mean"]],
+            "std": [float(v) for v in norm["std"]]}
+
+
+def _loaders(cfg: Config, dist: distributed.Dist, manifest: dict, norm: dict) -> tuple:
+    """The train loader (refused without one whole batch) and the val loader (or None)."""
+    common = dict(rank=dist.rank, world_size=dist.world_size, seed=cfg.seed, mean=norm["mean"],
+                  std=norm["std"], device=dist.device, workers=cfg.workers,
+                  channels_last=cfg.channels_last, backend=cfg.backend)
+    train_loader = build_loader(cfg.data, cfg.train_split, cfg.batch_size, train=True,
+                                crop=cfg.crop or sizes.from_file(manifest["config"]["size"]),
+                                scale=cfg.scale, flip=cfg.flip, jitter=cfg.jitter, **common)
+    if len(train_loader) == 0:
+        raise TrainingError(f"{cfg.data}: the {cfg.train_split} split has "
+                            f"{train_loader.num_samples} "
+                            f"samples, fewer than one batch of {cfg.batch_size} per process "
+                            f"x {dist.world_size} processes; lower --batch-size")
+    val_loader = None
+    if "val" in manifest["splits"]:
+        val_loader = build_loader(cfg.data, "val", cfg.batch_size, train=False, **common)
+    return train_loader, val_loader
+
+
+def _preflight(cfg: Config, dist: distributed.Dist, loader) -> dict:
+    """Two probe steps' memory (and, on the CPU, time), refused on every rank when too much."""
+    with torch.random.fork_rng(devices=[dist.device] if dist.device.type == "cuda" else []):
+        memory = preflight.check_fits(cfg, dist, loader.num_classes, loader.aug.crop,
+                                      loader.workers, loader.backend)
+    if dist.is_main and memory.get("step_s", 0.0) >= preflight.SLOW_STEP_S:
+        tqdm.write(preflight.time_estimate(memory["step_s"], len(loader), cfg))
+    if cfg.preflight_only:
+        tqdm.write(f"preflight: one step needs about {memory['step_gb']:.1f} GB per process, "
+                   f"{memory['total_gb']:.1f} GB in all, of {memory['budget_gb']:.1f} GB: "
+                   "it fits")
+    return memory
+
+
+def _parts(cfg: Config, dist: distributed.Dist, model: nn.Module, loader, manifest: dict,
+           norm: dict) -> tuple[Parts, nn.Module]:
+    """The model on its device (SyncBatchNorm under DDP unless --no-sync-bn), optimizer,
+    scaler and what a checkpoint says of the model and data; and the loss."""
+    arch = dict(model.config)
+    if dist.distributed and cfg.sync_bn:
+        model = distributed.convert_sync_batchnorm(model, dist.device)
+    model.to(dist.device, memory_format=torch.channels_last if cfg.channels_last
+             else torch.contiguous_format)
+    palette = np.asarray(loader.palette, dtype=np.uint8)
+    weights = class_weights_from_pixels(manifest["class_pixels"]) if cfg.class_weights else None
+    criterion = build_loss(cfg.losstype, palette=palette, ignore_index=loader.ignore_index,
+                           class_weights=weights).to(dist.device)
+    optimizer = build_optimizer(model, cfg)
+    scaler = torch.amp.GradScaler(dist.device.type, enabled=cfg.amp == "fp16")
+    about = {"arch": arch, "classes": list(loader.classes),  # the same all run long
+             "categories": list(manifest["categories"]), "palette": palette.tolist(),
+             "mean": norm["mean"], "std": norm["std"], "normalization": norm["normalization"],
+             "shards_mean": list(manifest["mean"]), "shards_std": list(manifest["std"]),
+             "losstype": cfg.losstype, "ignore_index": int(loader.ignore_index),
+             "size": sizes.to_file(sizes.from_file(manifest["config"]["size"])),
+             "mapping": manifest["config"].get("mapping_def")}
+    return Parts(model, optimizer, scaler, loader, about), criterion
+
+
+def _resume(parts: Parts, saved: dict, state: RunState, cfg: Config, dist: distributed.Dist,
+            path: Path) -> None:
+    """The checkpoint's weights, optimizer, scaler, RNG and loader position, checked first."""
+    check_arch(saved, parts.about["arch"], path)
+    check_classes(saved, parts.about["classes"], path, cfg.data)
+    check_data(saved, parts.about, path, cfg.data)
+    load_model_weights(parts.model, saved, path)
+    load_optimizer_state(parts.optimizer, saved["optimizer"])
+    parts.scaler.load_state_dict(saved["scaler"])
+    set_rng_state(saved["rng"], dist.device)
+    state.elapsed, state.best_miou = saved["elapsed"], saved["best_miou"]
+    state.epoch_sums = EpochState(**saved["epoch_state"])
+    _resume_loader(parts.loader, saved["loader"], path)  # the epoch and step with it
+    if dist.is_main:
+        tqdm.write(f"resuming {path} at step {state.step}: "
+                   + _where(state, cfg, parts.loader) + _restarts(dist))
+
+
+def _wrapped(model: nn.Module, cfg: Config, dist: distributed.Dist) -> tuple:
+    """(the model as trained: DDP, compiled; the model as evaluated: compiled)."""
+    train_model = model
+    if dist.distributed:
+        ids = [dist.device.index] if dist.device.type == "cuda" else None
+        train_model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    if cfg.compile:  # DDP first, then compile: the order torch.compile's DDP support expects
+        return torch.compile(train_model), torch.compile(model)
+    return train_model, model
+
+
+def _rundir(cfg: Config, dist: distributed.Dist, state: RunState, *, resumed: bool,
+            about: dict) -> RunDir:
+    out = Path(cfg.out)
+    if dist.is_main and (out / "checkpoints").is_dir():
+        sweep_temporaries(out / "checkpoints")  # what a killed save left behind
+    # a new run in a folder where one never got to its first checkpoint starts clean
+    return RunDir(out, enabled=dist.is_main, resume_epoch=state.epoch if resumed else None,
+                  resume_step=state.step, palette=np.asarray(about["palette"], dtype=np.uint8))
+
+
 def _against_shards(cfg: Config, manifest: dict, final: Inference) -> Inference:
     """The run folder, the crop and the final evaluation's window against the shards, before
     any training: --out must not be the shards, a size turned on its side is refused, slide's
@@ -403,12 +500,13 @@ def _against_shards(cfg: Config, manifest: dict, final: Inference) -> Inference:
         raise TrainingError(str(e).replace("--", "--eval-")) from None
 
 
-def _resume_loader(loader, position: dict, state: RunState, path: Path) -> None:
+def _resume_loader(loader, position: dict, path: Path) -> None:
     """Put the train loader where the checkpoint stopped, with any number of processes.
 
-    With another global batch an epoch has another number of steps, so the step count is
-    restated in this run's steps (the LR schedule keeps its place); a position inside an epoch
-    that this run's global batch cannot reach exactly is refused, saying what would work.
+    With another global batch an epoch has another number of steps, so the step count (the
+    loader's position) is restated in this run's steps and the LR schedule keeps its place;
+    a position inside an epoch that this run's global batch cannot reach exactly is refused,
+    saying what would work.
     """
     saved = int(position.get("global_batch", loader.global_batch))
     try:
@@ -419,11 +517,10 @@ def _resume_loader(loader, position: dict, state: RunState, path: Path) -> None:
         raise TrainingError(f"{path}: cannot resume exactly: {e}; resume with {hint}the "
                             "number of processes and batch size it was saved with") from None
     if saved != loader.global_batch:
-        state.step = loader.position.stream(len(loader))
         tqdm.write(f"note: {path} was saved with a global batch of {saved} "
                    f"({loader.num_samples // saved} steps per epoch), this run's is "
                    f"{loader.global_batch} ({len(loader)} steps per epoch); continuing at "
-                   f"step {state.step}")
+                   f"step {loader.position.stream(len(loader))}")
 
 
 def _restarts(dist: distributed.Dist) -> str:
@@ -463,8 +560,8 @@ def _stop_at_once(last_path: Path, data: str):
             signal.signal(s, handler)
 
 
-def _finished(state: RunState, cfg: Config) -> bool:
-    return state.epoch >= cfg.epochs or state.time_up(cfg)
+def _finished(epoch: int, elapsed: float, cfg: Config) -> bool:
+    return epoch >= cfg.epochs or (cfg.time_limit is not None and elapsed >= cfg.time_limit)
 
 
 def _where(state: RunState, cfg: Config, loader) -> str:
