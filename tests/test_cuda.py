@@ -13,7 +13,7 @@ from helpers import PRIMARY_SIZE, blocks, ddp_worker, free_port, primary_frames,
 
 from pipeline.labels import get_mapping
 from pipeline.loader import build_loader, dali_available
-from train import engine
+from train import engine, optim
 from train.checkpoint import load_checkpoint
 from train.config import Config
 from train.fit import fit
@@ -86,7 +86,7 @@ def test_amp_step_on_cuda_waits_for_nothing(amp):
     batch = {"image": torch.from_numpy(images).permute(0, 3, 1, 2).float().div(255).to(device),
              "label": torch.from_numpy(labels).long().to(device)}
     criterion = build_loss("segment", palette=get_mapping("trainid").palette).to(device)
-    optimizer = engine.build_optimizer(model, Config(optimizer="sgd", lr=0.05))
+    optimizer = optim.build_optimizer(model, Config(optimizer="sgd", lr=0.05))
     assert optimizer.defaults["fused"]
     # a scale that overflows at once: the first step is skipped, as fp16's first steps often are
     scaler = torch.amp.GradScaler("cuda", init_scale=2.0**18, enabled=amp == "fp16")
@@ -152,13 +152,13 @@ def test_a_cpu_checkpoint_resumes_on_the_gpus_fused_kernels(optimizer):
     torch.manual_seed(0)
     model = torch.nn.Conv2d(3, 4, 3)
     x = torch.randn(2, 3, 8, 8)
-    cpu = engine.build_optimizer(model, cfg)
+    cpu = optim.build_optimizer(model, cfg)
     model(x).square().mean().backward()
     cpu.step()
     model.cuda()
-    gpu = engine.build_optimizer(model, cfg)
+    gpu = optim.build_optimizer(model, cfg)
     assert gpu.defaults["fused"]
-    engine.load_optimizer_state(gpu, cpu.state_dict())
+    optim.load_optimizer_state(gpu, cpu.state_dict())
     scaler = torch.amp.GradScaler("cuda", init_scale=2.0**18)  # overflows first: skipped
     for _ in range(3):
         gpu.zero_grad()

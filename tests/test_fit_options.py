@@ -14,10 +14,10 @@ from pipeline.loader import BACKENDS
 from train.checkpoint import INIT_HEADS
 from train.cli import fit, main
 from train.config import AMP_MODES, Config, shown
-from train.engine import OPTIMIZERS
 from train.inference import MODES
 from train.losses import LOSSTYPES
 from train.models.plain import UPSAMPLE_MODES
+from train.optim import OPTIMIZERS
 
 # what `citytrain fit --help` showed before its options were read from Config
 SHOWN = {"--train-split": "train", "--epochs": "100; x>=1", "--batch-size": "8; x>=1",

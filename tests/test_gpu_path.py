@@ -14,7 +14,7 @@ from helpers import blocks, tiny
 from pipeline import loader_bench
 from pipeline.loader import build_loader
 from pipeline.sampling import Position
-from train import distributed, engine
+from train import distributed, engine, optim, precision
 from train import fit as fit_module
 from train.checkpoint import load_checkpoint, save_checkpoint
 from train.engine import EpochEnd, RunState, Stopper, TrainingError, train_one_epoch
@@ -202,7 +202,7 @@ def test_data_wait_share_is_the_time_blocked_on_the_loader(monkeypatch, delay, d
     state = RunState(loader, total_steps=8)
     dist = distributed.Dist(0, 1, 0, torch.device("cpu"))
     criterion = build_loss("segment", palette=[[0, 0, 0]] * 19)
-    optimizer = engine.build_optimizer(model, cfg)
+    optimizer = optim.build_optimizer(model, cfg)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     engine.train_step(model, batches[0], criterion, optimizer, scaler, amp="off")  # warm up
     assert train_one_epoch(model, loader, criterion, optimizer, scaler,
@@ -250,7 +250,7 @@ def test_data_wait_counts_only_what_the_device_waited_for(monkeypatch, step_seco
     loader = FakeLoader(batches, delay)
     state = RunState(loader, total_steps=8)
     criterion = build_loss("segment", palette=[[0, 0, 0]] * 19)
-    optimizer = engine.build_optimizer(model, cfg)
+    optimizer = optim.build_optimizer(model, cfg)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     train_one_epoch(model, loader, criterion, optimizer, scaler, cfg=cfg,
                     dist=distributed.Dist(0, 1, 0, torch.device("cpu")), state=state,
@@ -338,7 +338,7 @@ def test_fused_sgd_survives_a_skipped_first_step():
     for fused in (False, True):
         torch.manual_seed(0)
         model = torch.nn.Conv2d(3, 4, 3)
-        _fp16_like_run(engine.build_optimizer(model, cfg, fused=fused), model)
+        _fp16_like_run(optim.build_optimizer(model, cfg, fused=fused), model)
         runs.append(model.weight.detach().clone())
     torch.testing.assert_close(runs[1], runs[0])
 
@@ -347,10 +347,10 @@ def test_a_checkpoint_of_another_kernel_resumes_under_the_grad_scaler():
     """A CPU run's optimizer state loaded into a fused (CUDA) optimizer keeps it fused."""
     cfg = tiny("unused", "unused")
     model = torch.nn.Conv2d(3, 4, 3)
-    plain = engine.build_optimizer(model, cfg, fused=False)
+    plain = optim.build_optimizer(model, cfg, fused=False)
     _fp16_like_run(plain, model, steps=2)
-    fused = engine.build_optimizer(model, cfg, fused=True)
-    engine.load_optimizer_state(fused, plain.state_dict())
+    fused = optim.build_optimizer(model, cfg, fused=True)
+    optim.load_optimizer_state(fused, plain.state_dict())
     assert all(group["fused"] for group in fused.param_groups)
     _fp16_like_run(fused, model, steps=2)  # GradScaler hands it its device-side inf check
     assert torch.isfinite(model.weight).all()
@@ -374,21 +374,21 @@ def test_a_cpu_checkpoint_resumes_onto_the_fused_kernels_of_a_gpu(optimizer):
     torch.manual_seed(0)
     model = torch.nn.Conv2d(3, 4, 3)
     start = {k: v.clone() for k, v in model.state_dict().items()}
-    _steps(engine.build_optimizer(model, cfg, fused=False), model, range(4))
+    _steps(optim.build_optimizer(model, cfg, fused=False), model, range(4))
     whole = model.weight.detach().clone()
 
     model.load_state_dict(start)
-    first = engine.build_optimizer(model, cfg, fused=False)
+    first = optim.build_optimizer(model, cfg, fused=False)
     _steps(first, model, range(2))
     saved = first.state_dict()
     gpu = torch.nn.Conv2d(3, 4, 3, device="meta")
-    on_gpu = engine.build_optimizer(gpu, cfg, fused=True)
-    engine.load_optimizer_state(on_gpu, saved)
+    on_gpu = optim.build_optimizer(gpu, cfg, fused=True)
+    optim.load_optimizer_state(on_gpu, saved)
     placed = [(name, v.device.type) for p in gpu.parameters()
               for name, v in on_gpu.state[p].items()]
     assert placed and all(device == "meta" for _, device in placed), placed
-    fused = engine.build_optimizer(model, cfg, fused=True)
-    engine.load_optimizer_state(fused, saved)
+    fused = optim.build_optimizer(model, cfg, fused=True)
+    optim.load_optimizer_state(fused, saved)
     assert all(group["fused"] for group in fused.param_groups)
     _steps(fused, model, range(2, 4))
     torch.testing.assert_close(model.weight.detach(), whole, rtol=1e-5, atol=1e-6)
@@ -416,10 +416,10 @@ def test_cuda_settings_are_made_as_asked():
     saved = (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32,
              torch.backends.cudnn.benchmark)
     try:
-        assert engine.cuda_speed_settings(torch.device("cpu"), tf32=False) == {}
+        assert precision.cuda_speed_settings(torch.device("cpu"), tf32=False) == {}
         assert torch.backends.cudnn.allow_tf32 == saved[1]
         for tf32 in (True, False):
-            settings = engine.cuda_speed_settings(torch.device("cuda", 0), tf32=tf32)
+            settings = precision.cuda_speed_settings(torch.device("cuda", 0), tf32=tf32)
             assert settings == {"tf32": tf32, "cudnn_benchmark": True}
             assert torch.backends.cuda.matmul.allow_tf32 is tf32
             assert torch.backends.cudnn.allow_tf32 is tf32 and torch.backends.cudnn.benchmark

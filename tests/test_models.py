@@ -258,7 +258,7 @@ def test_init_from_another_encoder_is_refused_naming_both(resnet18_run, shards, 
 
 
 def test_the_encoder_lr_multiplier_scales_the_encoder_s_steps(shards, tmp_path):
-    from train.engine import build_optimizer
+    from train.optim import build_optimizer
 
     model = build_model("resnet18", 19, **SMALL)
     opt = build_optimizer(model, Config(encoder="resnet18", encoder_lr_mult=0.1), fused=False)

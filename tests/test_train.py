@@ -13,10 +13,11 @@ from helpers import blocks, ddp_worker, free_port, tiny
 from pipeline.labels import get_mapping
 from train import fit as fit_module
 from train.checkpoint import load_checkpoint
-from train.engine import TrainingError, lr_factor, train_step
+from train.engine import TrainingError, train_step
 from train.fit import fit
 from train.losses import build_loss
 from train.models.plain import UNet
+from train.optim import lr_factor
 
 
 def weights(path) -> dict[str, torch.Tensor]:

@@ -20,9 +20,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from pipeline import sizes
 from train.distributed import local_device
-from train.engine import AMP_DTYPES, Config, build_optimizer, cuda_speed_settings, train_step
+from train.engine import Config, train_step
 from train.losses import build_loss
 from train.models import model_from_config, settings_taken
+from train.optim import build_optimizer
+from train.precision import AMP_DTYPES, cuda_speed_settings
 
 
 def _sync(device: torch.device) -> None:
@@ -35,7 +37,7 @@ def measure_matmul_tflops(device: torch.device, amp: str, n: int | None = None,
     """Sustained square-matmul rate in the dtype the convolutions will use.
 
     8192 x 8192 on a GPU (big enough to fill an H100's tensor cores), 1024 on a CPU; with
-    `--amp off` the result depends on TF32 (`engine.set_tf32`), as the convolutions do.
+    `--amp off` the result depends on TF32 (`precision.set_tf32`), as the convolutions do.
     """
     dtype = AMP_DTYPES[amp] or torch.float32
     n = n or (8192 if device.type == "cuda" else 1024)

@@ -25,8 +25,9 @@ import torch
 from train.bench import bench_model, describe
 from train.checkpoint import CheckpointWriter, rng_state, save_checkpoint
 from train.distributed import local_device
-from train.engine import Config, build_optimizer, train_step
+from train.engine import Config, train_step
 from train.losses import build_loss
+from train.optim import build_optimizer
 
 EVERY = (50, 100, 200, 500, 1000)
 

@@ -58,7 +58,7 @@ class Owned(click.Choice):
 
 BACKENDS = Owned("pipeline.loader:BACKENDS")
 DEVICES = Owned("pipeline.devices:DEVICES")
-OPTIMIZERS = Owned("train.engine:OPTIMIZERS")
+OPTIMIZERS = Owned("train.optim:OPTIMIZERS")
 AMPS = click.Choice(list(AMP_MODES))
 
 

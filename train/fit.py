@@ -42,7 +42,6 @@ from train.checkpoint import (
 )
 from train.config import RESUME_MODES, effective, resumed, with_arch
 from train.engine import (
-    AMP_DTYPES,
     Config,
     EpochEnd,
     EpochState,
@@ -50,15 +49,14 @@ from train.engine import (
     RunState,
     Stopper,
     TrainingError,
-    build_optimizer,
-    cuda_speed_settings,
     evaluate,
-    load_optimizer_state,
     train_one_epoch,
 )
 from train.inference import Inference, InferenceError
 from train.losses import build_loss, class_weights_from_pixels, output_channels
 from train.models import ModelError, model_from_config
+from train.optim import build_optimizer, load_optimizer_state
+from train.precision import AMP_DTYPES, cuda_speed_settings
 from train.rundir import RunDir
 
 

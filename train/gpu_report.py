@@ -44,7 +44,7 @@ from pipeline.shards import load_manifest, manifest_path, write_arrays
 from pipeline.sizes import from_wh
 from train.bench import measure_matmul_tflops, run_bench
 from train.config import Config
-from train.engine import set_tf32
+from train.precision import set_tf32
 
 PRIMARIES = np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255]], np.uint8)
 

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline import sizes
-from train.engine import autocast
+from train.precision import autocast
 
 MODES = ("whole", "slide")
 

@@ -32,9 +32,10 @@ import torch
 from pipeline.host import available_memory
 from train import distributed
 from train.config import AgreedError, Config
-from train.engine import build_optimizer, train_step
+from train.engine import train_step
 from train.losses import build_loss, output_channels
 from train.models import model_from_config, settings_taken
+from train.optim import build_optimizer
 
 GB = 1e9
 # Resident memory of one loader worker process (measured: a DALI reader ~200 MB; a torch
