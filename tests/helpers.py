@@ -15,6 +15,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from pipeline.labels import Mapping, get_mapping
@@ -283,3 +284,15 @@ def alive(pid: int) -> bool:
     except OSError:
         return False
     return state != "Z"  # a zombie holds no memory; its new parent reaps it
+
+
+# -- one row of scored pixels, shared by the metric tests on the CPU and the GPU ---------------
+
+TRAINID = get_mapping("trainid")
+ROAD, PERSON, RIDER, CAR, TRUCK = (TRAINID.classes.index(c)
+                                   for c in ("road", "person", "rider", "car", "truck"))
+# One row of 12 pixels: car instances A (4 px) and B (2 px), a person (2 px), a crowd of cars
+# (id 26 = labelId only: no instance) and road.
+INSTANCES = torch.tensor([26000] * 4 + [26001] * 2 + [24000] * 2 + [26, 26, 7, 7])
+LABELS = torch.tensor([CAR] * 6 + [PERSON] * 2 + [CAR] * 2 + [ROAD] * 2)
+GUESS = torch.tensor([CAR, CAR, CAR, TRUCK, ROAD, ROAD, PERSON, RIDER, CAR, CAR, CAR, ROAD])

@@ -9,7 +9,17 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
-from helpers import PRIMARY_SIZE, blocks, ddp_worker, free_port, primary_frames, tiny
+from helpers import (
+    GUESS,
+    INSTANCES,
+    PRIMARY_SIZE,
+    TRAINID,
+    blocks,
+    ddp_worker,
+    free_port,
+    primary_frames,
+    tiny,
+)
 
 from pipeline.labels import get_mapping
 from pipeline.loader import build_loader, dali_available
@@ -134,7 +144,6 @@ def test_the_confusion_matrix_counts_on_cuda_without_a_host_sync():
 
 
 def test_full_resolution_instance_scores_on_cuda_take_the_pngs_uint16_ids():
-    from test_metrics import GUESS, INSTANCES, TRAINID
 
     ids = INSTANCES.numpy().astype(np.uint16)  # as read_instance_ids hands them out
     sums = []

@@ -92,3 +92,12 @@ def test_pipeline_never_imports_train():
 
 def test_no_module_imports_itself_back():
     assert cycles(graph()) == []
+
+
+def test_no_test_module_imports_another():
+    """What tests share is in tests/helpers.py (or conftest.py's fixtures): importing a test
+    module would collect its tests twice and tie the two files together."""
+    tests = {p.stem for p in (REPO / "tests").glob("test_*.py")}
+    found = {p.name: sorted(imports(p, f"tests.{p.stem}") & tests)
+             for p in sorted((REPO / "tests").glob("*.py"))}
+    assert not {k: v for k, v in found.items() if v}

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers import GUESS, INSTANCES, LABELS, TRAINID
 
 from pipeline.labels import get_mapping
 from train import metrics
@@ -75,16 +76,6 @@ def test_bad_inputs():
         cm.update(PRED, TARGET[:1])
     with pytest.raises(ValueError, match="class names"):
         cm.compute(CLASSES[:3])
-
-
-TRAINID = get_mapping("trainid")
-ROAD, PERSON, RIDER, CAR, TRUCK = (TRAINID.classes.index(c)
-                                   for c in ("road", "person", "rider", "car", "truck"))
-# One row of 12 pixels: car instances A (4 px) and B (2 px), a person (2 px), a crowd of cars
-# (id 26 = labelId only: no instance) and road.
-INSTANCES = torch.tensor([26000] * 4 + [26001] * 2 + [24000] * 2 + [26, 26, 7, 7])
-LABELS = torch.tensor([CAR] * 6 + [PERSON] * 2 + [CAR] * 2 + [ROAD] * 2)
-GUESS = torch.tensor([CAR, CAR, CAR, TRUCK, ROAD, ROAD, PERSON, RIDER, CAR, CAR, CAR, ROAD])
 
 
 def _instance_scores(images):
