@@ -16,6 +16,7 @@ from pipeline.loader import build_loader
 from pipeline.sampling import Position
 from train import distributed, engine, optim, precision
 from train import fit as fit_module
+from train import session as session_module
 from train.checkpoint import load_checkpoint, save_checkpoint
 from train.engine import EpochEnd, RunState, Stopper, TrainingError, train_one_epoch
 from train.fit import fit
@@ -150,7 +151,7 @@ def test_training_steps_do_not_wait_for_the_device(make_dataset, tmp_path, monke
         finally:
             counting[0] = False
 
-    monkeypatch.setattr(fit_module, "train_one_epoch", counted_epoch)
+    monkeypatch.setattr(session_module, "train_one_epoch", counted_epoch)
     # every augmentation and the clipping on: none of them may read a value back
     cfg = tiny(data, tmp_path / "run", epochs=2, batch_size=2, crop=(24, 32), scale=(0.75, 1.5),
                flip=True, jitter=0.2, clip_grad=1.0, log_every=4)
