@@ -101,3 +101,31 @@ def test_no_test_module_imports_another():
     found = {p.name: sorted(imports(p, f"tests.{p.stem}") & tests)
              for p in sorted((REPO / "tests").glob("*.py"))}
     assert not {k: v for k, v in found.items() if v}
+
+
+def floors(edges: dict[str, set[str]]) -> dict[int, list[str]]:
+    """The house drawn from its imports: each module on the floor one above the highest of
+    the project's modules it imports (floor 0 imports none of them)."""
+    memo: dict[str, int] = {}
+
+    def floor(name: str) -> int:
+        if name not in memo:
+            below = [d for d in edges[name] if d in edges and d != name]
+            memo[name] = 1 + max(map(floor, below)) if below else 0
+        return memo[name]
+
+    found: dict[int, list[str]] = {}
+    for name in sorted(edges):
+        found.setdefault(floor(name), []).append(name)
+    return dict(sorted(found.items()))
+
+
+def test_the_loader_stands_above_what_it_reads_and_the_trainer_above_the_loader():
+    level = {m: k for k, names in floors(graph()).items() for m in names}
+    assert level["pipeline.shards"] < level["pipeline.sampling"] < level["pipeline.loader"]
+    assert level["pipeline.loader"] < level["train.fit"] < level["train.cli"]
+
+
+if __name__ == "__main__":  # python tests/test_layers.py: docs/design.md's drawing, fresh
+    for k, names in floors(graph()).items():
+        print(k, " ".join(names))
