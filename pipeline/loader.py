@@ -1,16 +1,16 @@
 """The loader: HDF5 shards -> DALI graph -> torch batches on the rank's device.
 
-The one place that builds the DALI graph, in the style of NVIDIA nnU-Net's `dali_loader.py`:
-each augmentation is a small function of (image, label) and `segmentation_graph` reads as the
-recipe. A stateless per-sample callable (`ShardSource`) reads the shards in spawned worker
-processes; scale, crop, flip and padding run on the GPU when there is one, else the same graph
-on the CPU. Colour jitter and normalization follow on the same device, in torch
-(`pipeline/photometric.py`).
+The one place that builds the DALI graph: `segmentation_graph` reads the samples and runs
+the recipe's augmentations on them in order, each an object in `pipeline/augment/` with its
+DALI step and its CPU step. A stateless per-sample callable (`ShardSource`) reads the shards
+in spawned worker processes; scale, crop, flip and padding run in the graph on the GPU when
+there is one, else their CPU steps run on the batch in torch. Colour jitter and
+normalization follow on the same device, in torch (`pipeline/photometric.py`).
 
-Which sample goes where, and every random value of its augmentation, comes from
-`pipeline/sampling.py`. The loader object both backends share (position, state, handing
-batches out) is `pipeline/loader_base.py`; the fallback for machines without DALI is
-`pipeline/torch_loader.py`.
+Which sample goes where comes from `pipeline/sampling.py`, every random value of its
+augmentation from `pipeline/augment/recipe.py`. The loader object both backends share
+(position, state, handing batches out) is `pipeline/loader_base.py`; the fallback for
+machines without DALI is `pipeline/torch_loader.py`.
 """
 
 from __future__ import annotations
@@ -23,67 +23,25 @@ import numpy as np
 import torch
 
 from pipeline import sizes
+from pipeline.augment.recipe import Augment
 from pipeline.devices import local_device
-from pipeline.geometry import augment_batch
 from pipeline.host import refuse_in_starting_worker, usable_cpus, worker_error
 from pipeline.loader_base import Loader
-from pipeline.sampling import (
-    OUTPUT_SIZE,
-    WINDOW_END,
-    WINDOW_START,
-    Augment,
-    Plan,
-    Position,
-    ShardReader,
-    ShardSource,
-    check_shards,
-)
+from pipeline.sampling import Plan, Position, ShardReader, ShardSource, check_shards
 from pipeline.shards import load_manifest
 from pipeline.torch_loader import TorchLoader
-
-# -- the GPU graph: `params` is the per-sample vector of `draw_augment`; slicing it feeds the
-# same draw to image and label. Both leave as uint8 HWC; `photometric.Normalizer` takes it on.
-
-def scale_crop_flip(image, label, params):
-    """Cut the random source window out, resize it to the output size, mirrored when flipped.
-
-    Cut first, so that the resize reads nothing outside the window (a resize over a region of
-    interest would blend the pixels beyond its edges in): the same as `pipeline.geometry`. The
-    label is resized with nearest, so it is never blended.
-    """
-    from nvidia.dali import fn, types
-    from nvidia.dali import math as dmath
-
-    start, end = params[WINDOW_START], params[WINDOW_END]  # x ends swapped when flipped
-    mirror = fn.cast(start > end, dtype=types.FLOAT)  # per axis: 1 where flipped
-    window = dict(start=fn.cast(dmath.min(start, end), dtype=types.INT32),
-                  end=fn.cast(dmath.max(start, end), dtype=types.INT32), axis_names="HW")
-    resize = dict(roi_start=mirror, roi_end=1 - mirror, roi_relative=True,
-                  size=params[OUTPUT_SIZE])
-    image = fn.resize(fn.slice(image, **window), **resize, interp_type=types.INTERP_LINEAR,
-                      antialias=False)
-    label = fn.resize(fn.slice(label, **window), **resize, interp_type=types.INTERP_NN)
-    return image, label
-
-
-def pad(image, label, crop):
-    """Pad bottom/right up to the crop: image 0, label 255 (ignore). After the flip, so the
-    padding always lands bottom/right."""
-    from nvidia.dali import fn
-
-    image = fn.pad(image, axis_names="HW", shape=list(crop), fill_value=0)
-    label = fn.pad(label, axis_names="HW", shape=list(crop), fill_value=255)
-    return image, label
 
 
 def segmentation_graph(source, *, aug: Augment | None, gpu: bool, parallel: bool,
                        geometry: bool | None = None):
-    """Read (CPU workers) -> to the GPU -> scale, crop and flip -> pad to the crop.
+    """Read (CPU workers) -> to the GPU -> the recipe's per-sample ops, in order.
 
-    Without a GPU the graph only reads: DALI's CPU resize is slow, so `pipeline.geometry`
-    does the geometry on the batch in torch's uint8 kernels (the same as the torch backend).
-    `geometry` (default: `gpu`) puts it in the graph; the tests run that on DALI's CPU
-    operators against `pipeline.geometry`.
+    `params` is each sample's vector of `Augment.draw`; every op reads its own floats of it,
+    so image and label share one draw. Both leave as uint8 HWC; colour jitter and the
+    normalization follow in torch (`Loader`). Without a GPU the graph only reads: DALI's CPU
+    resize is slow, so the ops' CPU steps run on the batch in torch's uint8 kernels (the
+    same as the torch backend). `geometry` (default: `gpu`) puts the ops in the graph; the
+    tests run that on DALI's CPU operators against the CPU steps.
     """
     from nvidia.dali import fn
 
@@ -95,13 +53,13 @@ def segmentation_graph(source, *, aug: Augment | None, gpu: bool, parallel: bool
     if aug is None:
         return (image.gpu(), label.gpu(), index) if gpu else (image, label, index)
     params = outputs[3]
-    if not (gpu if geometry is None else geometry):  # the CPU loader: geometry in torch
+    if not (gpu if geometry is None else geometry):  # the CPU loader: the ops in torch
         return image, label, index, params
     if gpu:
         image, label = image.gpu(), label.gpu()
-    image, label = scale_crop_flip(image, label, params)
-    image, label = pad(image, label, aug.crop)
-    return image, label, index, params  # colour jitter and normalization: in torch
+    for op, p in aug.steps(params):  # ScaleCropFlip, Pad: `Augment.ops`
+        image, label = op.dali(image, label, p)
+    return image, label, index, params
 
 
 class DaliLoader(Loader):
@@ -150,7 +108,7 @@ class DaliLoader(Loader):
             if self.aug:
                 params = out["params"][:n]
                 if self.device.type != "cuda":
-                    image, label = augment_batch(image, label, params, self.aug.crop)
+                    image, label = self.aug.cpu_batch(image, label, params)
             yield image, label, out["index"][:n], params
 
     def _jumped(self) -> None:

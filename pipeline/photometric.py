@@ -2,11 +2,10 @@
 and the one normalization of everything else fed to the model (`normalize`) or drawn from
 its inputs (`denormalize`).
 
-Brightness, contrast, saturation and hue (`draw_augment`'s COLOUR fields) fold
-into a 3x3 matrix and an offset per sample, and the normalization folds into the same
-matrix, so a batch costs one float copy, one batched matrix product and a clamp. DALI's
-CPU `color_twist` costs 13 ms per 512x1024 image where this costs about 3; on a GPU both are
-nearly free. `Loader` runs every batch through a `Normalizer`, whichever backend made it.
+The colour jitter's four values per sample (`pipeline/augment/colour.py`: its draw and its
+matrix) and the normalization fold into one matrix, so a batch costs one float copy, one
+batched matrix product and a clamp. `Loader` runs every batch through a `Normalizer`,
+whichever backend made it.
 """
 
 from __future__ import annotations
@@ -14,24 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]],
-                    dtype=torch.float64)
-_YIQ_INV = torch.linalg.inv(_YIQ)
-
-
-def color_matrix(colour: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows (brightness, contrast, saturation, hue in turns) -> A (N, 3, 3), t (N,): A x + t.
-
-    Brightness scales, contrast pulls towards mid-grey 128 (0-255 units), saturation scales
-    the chroma and hue rotates it, both in YIQ space, where grey stays put.
-    """
-    b, c, s, h = colour.double().unbind(1)
-    cos, sin = s * torch.cos(2 * torch.pi * h), s * torch.sin(2 * torch.pi * h)
-    mix = torch.zeros(len(colour), 3, 3, dtype=torch.float64)
-    mix[:, 0, 0], mix[:, 1, 1], mix[:, 1, 2], mix[:, 2, 1], mix[:, 2, 2] = 1, cos, -sin, sin, cos
-    a = (b * c)[:, None, None] * (_YIQ_INV @ mix @ _YIQ)
-    return a.float(), ((1 - c) * 128).float()
-
+from pipeline.augment.colour import color_matrix
 
 BAND_PIXELS = 32 * 1024  # a band of rows: its floats stay in a core's L2 cache
 

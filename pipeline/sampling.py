@@ -1,6 +1,7 @@
 """Which samples a rank reads, in which order, with which random values; reading one sample.
 
-Everything here is a pure function of (seed, epoch, index) and the split's size, shared by both
+Everything here is a pure function of (seed, epoch, index) and the split's size (the random
+values of an augmentation come from its recipe, `pipeline/augment/recipe.py`), shared by both
 loader backends (`pipeline/loader.py` for DALI, `pipeline/torch_loader.py`), so a run resumed
 from the loader's `state_dict()` replays the uninterrupted one exactly, on either backend.
 This module is what a reader worker process imports: numpy and h5py, never torch.
@@ -10,29 +11,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
 
 import h5py
 import numpy as np
 
+from pipeline.augment.recipe import Augment
 from pipeline.host import worker_setup
 from pipeline.shards import ShardError, shard_info, split_shards
-
-# draw_augment's vector, field by field: the one place its layout is written down. Every
-# reader names the field it reads (the DALI graph, pipeline.geometry, the colour matrix).
-WINDOW_START = slice(0, 2)  # (y0, x0): the source window's first row and column
-WINDOW_END = slice(2, 4)  # (y1, x1): one past its last; x1 < x0 when it is read mirrored
-OUTPUT_SIZE = slice(4, 6)  # (h, w) the window is resized to, at most the crop
-COLOUR = slice(6, 10)  # brightness, contrast, saturation, hue (in turns)
-NUM_PARAMS = 10
-
-
-@dataclass(frozen=True)
-class Augment:
-    crop: tuple[int, int]  # (H, W)
-    scale: tuple[float, float]
-    flip: bool
-    jitter: float
 
 
 @dataclass(frozen=True)
@@ -88,61 +73,6 @@ class Position:
 
     def next(self, per_epoch: int) -> Position:
         return Position.at(self.stream(per_epoch) + 1, per_epoch)
-
-
-def draw_augment(seed: int, epoch: int, index: int, size: tuple[int, int],
-                 aug: Augment) -> np.ndarray:
-    """The random values of one sample: source window, output size, flip, colour jitter.
-
-    Drawn in a fixed order from (seed, epoch, index) whatever the knobs, so switching one
-    knob off leaves the others' values unchanged. `size` and `aug.crop` are (H, W). The window
-    is cut from the source and resized to at most the crop, so work scales with the output;
-    where the scaled image is smaller than the crop, the output is smaller and gets padded.
-    A flip swaps the window's x ends: resizing a mirrored window mirrors the output. The
-    fields are named above (WINDOW_START ... COLOUR); `Window.of` reads the geometry.
-
-    Output pixel i of n samples the window of `win` pixels at (i + 1/2) win / n; when win
-    holds more factors of two than n, some of those points fall exactly on a border between
-    two source pixels, where nearest has two answers and the GPU's float32 arithmetic and
-    the CPU's each pick one. A window one pixel smaller (odd) has no such point, so the
-    label is the same on every kernel.
-    """
-    s, uy, ux, coin, *colour = np.random.default_rng((seed, epoch, index, 1)).random(8)
-    s = aug.scale[0] + s * (aug.scale[1] - aug.scale[0])
-    p = np.zeros(NUM_PARAMS, np.float32)
-    start, end, out = p[WINDOW_START], p[WINDOW_END], p[OUTPUT_SIZE]  # views: written below
-    for axis, u in enumerate((uy, ux)):
-        n = min(aug.crop[axis], max(1, round(size[axis] * s)))
-        win = min(size[axis], max(1, round(n / s)))
-        if win & -win > n & -n:  # more factors of two in win than in n: see below
-            win -= 1
-        first = int(u * (size[axis] - win + 1))
-        start[axis], end[axis], out[axis] = first, first + win, n
-    if aug.flip and coin < 0.5:
-        start[1], end[1] = end[1], start[1]
-    j = aug.jitter
-    brightness_contrast_saturation = 1 - j + 2 * j * np.array(colour[:3])
-    hue = (colour[3] - 0.5) * j / 2  # +-j/4 of a turn: +-18 degrees at the default 0.2
-    p[COLOUR] = [*brightness_contrast_saturation, hue]
-    return p
-
-
-class Window(NamedTuple):
-    """`draw_augment`'s geometry, as the CPU kernels read it (pipeline/geometry.py)."""
-
-    top: int
-    left: int
-    bottom: int
-    right: int
-    height: int  # of the output
-    width: int
-    flip: bool
-
-    @classmethod
-    def of(cls, p) -> Window:
-        (y0, x0), (y1, x1), (h, w) = (p[WINDOW_START], p[WINDOW_END], p[OUTPUT_SIZE])
-        return cls(int(y0), int(min(x0, x1)), int(y1), int(max(x0, x1)), int(h), int(w),
-                   bool(x0 > x1))
 
 
 def _read_sample(ds: h5py.Dataset, i: int) -> np.ndarray:
@@ -212,7 +142,7 @@ class ShardSource:
         sample = image, label[..., None], np.array([index], np.int64)
         if self.aug is None:
             return sample
-        return *sample, draw_augment(self.plan.seed, epoch, index, self.size, self.aug)
+        return *sample, self.aug.draw(self.plan.seed, epoch, index, self.size)
 
 
 

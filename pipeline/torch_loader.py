@@ -1,9 +1,10 @@
 """The fallback loader for machines without DALI (macOS, aarch64): a torch DataLoader.
 
 Same contract, same sample order and the same random values as the DALI loader (both come
-from `pipeline.sampling`), the same geometry as its CPU path (`pipeline.geometry`, here in
-spawned worker processes) and the same colour jitter and normalization on the device
-(`Loader` applies them to both): on the CPU the two backends give identical batches.
+from `pipeline.sampling` and `pipeline.augment`), the same CPU steps of the augmentations as
+its CPU path (`Augment.cpu`, here in spawned worker processes) and the same colour jitter
+and normalization on the device (`Loader` applies them to both): on the CPU the two backends
+give identical batches.
 """
 
 from __future__ import annotations
@@ -11,10 +12,10 @@ from __future__ import annotations
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from pipeline.geometry import pad, scale_crop_flip
+from pipeline.augment.recipe import Augment
 from pipeline.host import worker_error, worker_setup
 from pipeline.loader_base import Loader
-from pipeline.sampling import Augment, Plan, Position, ShardReader, draw_augment
+from pipeline.sampling import Plan, Position, ShardReader
 from pipeline.shards import ShardError
 
 
@@ -30,8 +31,8 @@ class ShardDataset(Dataset):
         image, label = (torch.from_numpy(a) for a in self.reader.read(index))
         params = torch.zeros(0)
         if self.aug is not None:
-            p = draw_augment(self.seed, epoch, index, self.size, self.aug)
-            image, label = pad(*scale_crop_flip(image, label, p), self.aug.crop)
+            p = self.aug.draw(self.seed, epoch, index, self.size)
+            image, label = self.aug.cpu(image, label, p)
             params = torch.from_numpy(p)
         return image, label, index, params
 

@@ -300,19 +300,13 @@ def test_default_workers_share_the_usable_cpus_among_local_ranks(monkeypatch):
 @pytest.mark.skipif(not dali_available(), reason="nvidia.dali not installed")
 def test_the_gpu_graph_on_dalis_cpu_operators_matches_the_cpu_geometry(make_dataset):
     """The DALI graph's geometry, which only a GPU runs in training, here on DALI's CPU
-    operators: on the same samples and draws as pipeline/geometry.py it gives the same labels
+    operators: on the same samples and draws as the ops' CPU steps it gives the same labels
     and images within one grey level (two implementations of bilinear)."""
     from nvidia.dali import pipeline_def
 
-    from pipeline.geometry import augment_batch
+    from pipeline.augment.scale_crop_flip import OUTPUT_SIZE, WINDOW_END, WINDOW_START
     from pipeline.loader import segmentation_graph
-    from pipeline.sampling import (
-        OUTPUT_SIZE,
-        WINDOW_END,
-        WINDOW_START,
-        ShardReader,
-        ShardSource,
-    )
+    from pipeline.sampling import ShardReader, ShardSource
 
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (16, H, W, 3), dtype=np.uint8)  # noise: every pixel counts
@@ -331,15 +325,16 @@ def test_the_gpu_graph_on_dalis_cpu_operators_matches_the_cpu_geometry(make_data
     flipped = padded = magnified = 0
     for (image, label, index, params), (got, got_label, got_index, _) in zip(batches[False],
                                                                              batches[True]):
-        want, want_label = augment_batch(torch.from_numpy(image), torch.from_numpy(label),
-                                         torch.from_numpy(params), loader.aug.crop)
+        want, want_label = loader.aug.cpu_batch(torch.from_numpy(image), torch.from_numpy(label),
+                                                torch.from_numpy(params))
         assert np.array_equal(got_index, index) and got.shape == (8, *CROP, 3)
         assert np.array_equal(got_label[..., 0], want_label.numpy())
         assert np.abs(got.astype(np.int16) - want.numpy()).max() <= 1
-        flipped += int((params[:, WINDOW_END][:, 1] < params[:, WINDOW_START][:, 1]).sum())
+        geometry = params[:, loader.aug.fields("scale_crop_flip")]
+        flipped += int((geometry[:, WINDOW_END][:, 1] < geometry[:, WINDOW_START][:, 1]).sum())
         padded += int((want_label == 255).flatten(1).any(1).sum())
-        window = params[:, WINDOW_END][:, 0] - params[:, WINDOW_START][:, 0]
-        magnified += int((params[:, OUTPUT_SIZE][:, 0] > window).sum())
+        window = geometry[:, WINDOW_END][:, 0] - geometry[:, WINDOW_START][:, 0]
+        magnified += int((geometry[:, OUTPUT_SIZE][:, 0] > window).sum())
     assert 0 < flipped < 16 and 0 < padded < 16 and 0 < magnified < 16
 
 
