@@ -44,7 +44,7 @@ coverage: install
 	$(BIN)/python -m coverage run -m pytest -q
 	$(BIN)/python -m coverage report
 
-# everything but the tests marked slow (several processes, kills, torchrun, long fits)
+# everything but the tests marked slow (over a second each: processes, kills, real fits, exports)
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
 

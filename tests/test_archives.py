@@ -59,6 +59,7 @@ def reference(tree, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_shards_from_the_synthetic_city_zips_are_byte_identical(city, tmp_path):
     zipped = tmp_path / "downloads"
     assert sorted(p.name for p in pack_official(city, zipped)) == [

@@ -26,6 +26,7 @@ def run(shards, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_fit_writes_the_run_directory(run, shards):
     config = json.loads((run / "config.json").read_text())
     assert config["config"]["width"] == 4

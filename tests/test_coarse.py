@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 from click.testing import CliRunner
 from helpers import pack_official
 from PIL import Image
@@ -59,6 +60,7 @@ def test_synth_writes_gtcoarse_for_every_split_and_train_extra_without_fine(tmp_
     assert not (tmp_path / "gtFine" / "train_extra").exists()
 
 
+@pytest.mark.slow
 def test_the_two_stage_recipe_from_the_official_zips(tmp_path):
     city, zips = tmp_path / "city", tmp_path / "downloads"
     invoke(cityprep, "synth", city, "--train", "4", "--val", "2", "--extra", "4",

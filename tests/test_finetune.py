@@ -36,6 +36,7 @@ def trained(data, tmp_path_factory):
     return out / "checkpoints" / "last.pt", row
 
 
+@pytest.mark.slow
 def test_at_a_tiny_lr_the_first_evaluation_equals_the_checkpoints(data, trained, tmp_path):
     # BatchNorm's running statistics move in every training step, whatever the LR, so the
     # checkpoint to compare with first has them settled: 40 steps at LR ~0 on the same batch
@@ -116,6 +117,7 @@ def test_joined_splits_train_on_both(make_dataset, tmp_path):
         "train+train_extra"
 
 
+@pytest.mark.slow
 def test_cli_init_flags(data, trained, tmp_path, make_dataset):
     ckpt, _ = trained
     out = fails("fit", "--data", data, "--out", tmp_path / "r", *FIT, "--init", ckpt, "--resume")

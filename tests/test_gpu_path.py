@@ -129,6 +129,7 @@ BLOCKING = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__"
 AUGMENT = str(Path(pipeline.augment.__file__).parent)
 
 
+@pytest.mark.slow
 def test_training_steps_do_not_wait_for_the_device(make_dataset, tmp_path, monkeypatch):
     """Every call that would make the host wait for a GPU, counted over real epochs."""
     images, labels, names = blocks(24)
@@ -182,6 +183,7 @@ class FakeLoader:
             yield batch
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("delay, device_seconds, low, high", [
     (0.0, 0.1, 0.0, 0.1),  # an instant loader, while the "GPU" catches up at each sync
     (0.3, 0.0, 0.5, 1.0),  # a loader that is the bottleneck
@@ -263,6 +265,7 @@ def test_data_wait_counts_only_what_the_device_waited_for(monkeypatch, step_seco
     assert batches_waited * delay <= state.epoch_sums.wait < (batches_waited + 2) * delay
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("log_every", [1, 3, 20])
 def test_non_finite_loss_names_its_step_whatever_the_cadence(make_dataset, tmp_path,
                                                              monkeypatch, log_every):
@@ -293,6 +296,7 @@ def _saved_on_eight_gpus(path, epoch: int, batch: int, global_batch: int) -> Non
                                                                        "format_version")})
 
 
+@pytest.mark.slow
 def test_resume_on_fewer_processes_continues_or_says_what_would(make_dataset, tmp_path):
     images, labels, names = blocks(24)
     data = make_dataset({"train": (images, labels, names)})
@@ -444,6 +448,7 @@ def test_gpu_processes_get_torchs_sync_batchnorm_with_the_same_weights():
     assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
 
 
+@pytest.mark.slow
 def test_compile_trains_like_eager_and_saves_the_plain_weights(make_dataset, tmp_path,
                                                                monkeypatch):
     """`fit --compile`, one tiny step and its evaluation: torch.compile's capture and

@@ -27,6 +27,7 @@ def toy_report(tmp_path_factory) -> tuple:
     return out, run_report(out, torch.device("cpu"), TOY)
 
 
+@pytest.mark.slow
 def test_every_stage_runs_and_the_report_is_written(toy_report):
     tmp_path, report = toy_report
     assert [x["workers"] for x in report["loader"]] == [0]
@@ -52,6 +53,7 @@ def test_every_stage_runs_and_the_report_is_written(toy_report):
     assert report["skipped"] == [] and "Skipped" not in md
 
 
+@pytest.mark.slow
 def test_a_rerun_reuses_its_shards_and_a_spent_budget_cuts_what_runs(toy_report, tmp_path):
     out, _ = toy_report
     shards, cpu = out / "shards", torch.device("cpu")
@@ -69,6 +71,7 @@ def test_a_rerun_reuses_its_shards_and_a_spent_budget_cuts_what_runs(toy_report,
     assert budget.skipped == ["data wait (no bf16 step time to plan the fit by)"]
 
 
+@pytest.mark.slow
 def test_the_command_measures_on_the_gpu_within_its_budget(toy_report, monkeypatch, tmp_path):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
@@ -101,6 +104,7 @@ def test_the_gpu_peaks_are_measured_with_tf32_off_then_on_and_left_off(monkeypat
     assert seen == [("bf16", False, False), ("off", False, False), ("off", True, True)]
 
 
+@pytest.mark.slow
 def test_fit_and_the_report_load_with_the_same_number_of_readers(tmp_path, monkeypatch):
     """The loader row and the data-wait fit both take `fit`'s default readers."""
     monkeypatch.setattr(loader_module, "usable_cpus", lambda: 3)
@@ -122,6 +126,7 @@ def _slow_bench(**kwargs) -> dict:
             "gflops_per_image": 1.0}
 
 
+@pytest.mark.slow
 def test_the_report_keeps_to_its_budget_when_a_phase_is_slow(tmp_path, monkeypatch):
     """Training rows of 4 s each in a 12 s report: what would not fit is skipped, named."""
     monkeypatch.setattr(gpu_report, "run_bench", _slow_bench)

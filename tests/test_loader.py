@@ -181,6 +181,7 @@ def _children() -> list[bytes]:
     return found
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")
 def test_workers_are_spawned_not_forked_and_read_the_same_batches(data, backend):
     folder, _ = data
@@ -217,6 +218,7 @@ def test_batch_types_layout_and_metadata(data, backend):
     assert val.mean == tuple(val.manifest["mean"]) and val.std == tuple(val.manifest["std"])
 
 
+@pytest.mark.slow
 def test_backends_give_identical_batches_on_the_cpu(data):
     if not dali_available():
         pytest.skip("nvidia.dali not installed")

@@ -49,6 +49,7 @@ def run(shards, tmp_path_factory):
 
 # -- errors that point the right way ----------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_cityscapes_tree_given_as_data_names_the_preprocess_to_run(run, city, tmp_path):
     line = fails(citytrain, "fit", "--data", city, "--out", tmp_path / "r", "--epochs", "1",
                  *FIT)
@@ -104,6 +105,7 @@ def said(shards, tmp_path_factory):
     return out, result.output
 
 
+@pytest.mark.slow
 def test_the_end_of_fit_says_the_final_scores_where_they_are_and_why_it_stopped(said):
     out, output = said
     metrics = json.loads((out / "eval-val" / "metrics.json").read_text())
@@ -139,6 +141,7 @@ def test_resuming_a_finished_run_says_so_and_its_best(said, shards):
     assert before == {p: p.stat().st_mtime_ns for p in before}  # nothing rewritten
 
 
+@pytest.mark.slow
 def test_a_time_limit_stop_says_so(shards, tmp_path):
     r = invoke(citytrain, "fit", "--data", shards, "--out", tmp_path / "r", "--epochs", "5",
                "--time-limit", "0.001", *FIT)
@@ -161,6 +164,7 @@ def _signal_at(monkeypatch, *steps):
     monkeypatch.setattr(engine, "train_step", step_then_signal)
 
 
+@pytest.mark.slow
 def test_a_signal_is_acknowledged_at_once_and_the_stop_says_where(shards, tmp_path, monkeypatch,
                                                                   capfd):
     _signal_at(monkeypatch, 2)
@@ -183,6 +187,7 @@ def test_a_signal_is_acknowledged_at_once_and_the_stop_says_where(shards, tmp_pa
     assert f"resuming {last} at step 2: epoch 1/3, batch 2/3 (0 done)" in r.output
 
 
+@pytest.mark.slow
 def test_a_signal_in_the_last_step_skips_the_final_evaluation_and_says_so(shards, tmp_path,
                                                                          monkeypatch):
     _signal_at(monkeypatch, 6)  # the last step of epoch 2 of 2
@@ -194,6 +199,7 @@ def test_a_signal_in_the_last_step_skips_the_final_evaluation_and_says_so(shards
     assert not (tmp_path / "r" / "eval-val").exists() and "final evaluation" not in r.output
 
 
+@pytest.mark.slow
 def test_a_slow_cpu_step_gets_its_run_estimated_first(shards, tmp_path, monkeypatch):
     monkeypatch.setattr(preflight, "SLOW_STEP_S", 0.0)
     r = invoke(citytrain, "fit", "--data", shards, "--out", tmp_path / "r", "--epochs", "4",
@@ -219,6 +225,7 @@ def test_the_estimate_adds_up():
 
 # -- logs -----------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_log_file_gets_lines_not_carriage_returns(shards, tmp_path, monkeypatch):
     monkeypatch.setattr(progress, "LOG_INTERVAL_S", 0.0)  # a line at every sync
     r = invoke(citytrain, "fit", "--data", shards, "--out", tmp_path / "r", "--epochs", "2",
@@ -234,6 +241,7 @@ def test_a_log_file_gets_lines_not_carriage_returns(shards, tmp_path, monkeypatc
     assert "(its workers starting up; left out of the data wait)" in r.output
 
 
+@pytest.mark.slow
 def test_the_first_batch_wait_is_no_data_wait(make_dataset, tmp_path, monkeypatch):
     """A loader whose first batch takes long (workers starting) reports no data wait."""
     from pipeline import loader as loader_module

@@ -58,6 +58,7 @@ def test_the_issue_s_encoders_are_registered():
     assert any(name.startswith("regnet_y") for name in list_models())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list_models())
 def test_every_model_gives_logits_at_the_inputs_size(name):
     torch.manual_seed(0)
@@ -99,6 +100,7 @@ def resnet18_run(shards, tmp_path_factory):
     return out, row
 
 
+@pytest.mark.slow
 def test_a_resnet18_from_scratch_learns_the_synthetic_city(resnet18_run, shards):
     out, row = resnet18_run
     labels = np.concatenate([h5py.File(p)["label"][:] for p in sorted(shards.glob("val-*.h5"))])
@@ -114,6 +116,7 @@ def test_a_resnet18_from_scratch_learns_the_synthetic_city(resnet18_run, shards)
     assert state["mean"] == pytest.approx(manifest["mean"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list_models())
 def test_a_checkpoint_of_every_model_round_trips_through_evaluate_and_predict(
         name, resnet18_run, shards, tmp_path):
@@ -226,6 +229,7 @@ def test_a_failed_download_says_which_file_to_put_where(shards, tmp_path, monkey
     assert not list(folder.glob("*")) if folder.exists() else True
 
 
+@pytest.mark.slow
 def test_pretrained_normalization_is_used_recorded_and_reused(resnet18_file, shards, tmp_path):
     path, _ = resnet18_file
     out = tmp_path / "run"
@@ -248,6 +252,7 @@ def test_pretrained_normalization_is_used_recorded_and_reused(resnet18_file, sha
                        out / "checkpoints" / "last.pt", shards, tmp_path)
 
 
+@pytest.mark.slow
 def test_init_from_another_encoder_is_refused_naming_both(resnet18_run, shards, tmp_path):
     out, _ = resnet18_run
     msg = run("fit", "--data", shards, "--out", tmp_path / "run", "--init",
@@ -257,6 +262,7 @@ def test_init_from_another_encoder_is_refused_naming_both(resnet18_run, shards, 
            "resnet18" in msg
 
 
+@pytest.mark.slow
 def test_the_encoder_lr_multiplier_scales_the_encoder_s_steps(shards, tmp_path):
     from train.optim import build_optimizer
 
@@ -301,6 +307,7 @@ def toy():
     del registry._BUILDERS["toy"]
 
 
+@pytest.mark.slow
 def test_a_model_registered_here_trains_through_fit_with_no_other_change(toy, shards, tmp_path):
     out = tmp_path / "run"
     row = fit(tiny(shards, out, encoder="toy", width=6, depth=Config().depth, epochs=1))
@@ -310,6 +317,7 @@ def test_a_model_registered_here_trains_through_fit_with_no_other_change(toy, sh
     assert state["model"]["body.0.weight"].shape == (6, 3, 3, 3)
 
 
+@pytest.mark.slow
 def test_citytrain_models_lists_each_model_with_its_cost_and_weights(monkeypatch):
     from torch.utils.flop_counter import FlopCounterMode
 

@@ -64,6 +64,7 @@ def no_temporaries(folder) -> bool:
     return not [p for p in folder.iterdir() if p.name.startswith(".")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["unet_checkpoint", "encoder_checkpoint"])
 def test_export_matches_pytorch_at_two_sizes(which, request, tmp_path):
     checkpoint = request.getfixturevalue(which)
@@ -84,6 +85,7 @@ def test_export_matches_pytorch_at_two_sizes(which, request, tmp_path):
         assert (loss.predict(got) == loss.predict(want)).double().mean() >= 0.9999
 
 
+@pytest.mark.slow
 def test_argmax_output_is_pytorchs_prediction(unet_checkpoint, tmp_path):
     out = tmp_path / "classes.onnx"
     printed = export(unet_checkpoint, out, "--argmax")
@@ -96,6 +98,7 @@ def test_argmax_output_is_pytorchs_prediction(unet_checkpoint, tmp_path):
     assert len(np.unique(got)) > 1  # a real prediction, not one class everywhere
 
 
+@pytest.mark.slow
 def test_metadata_and_input_format_read_back(unet_checkpoint, tmp_path):
     out = tmp_path / "model.onnx"
     export(unet_checkpoint, out)
@@ -203,6 +206,7 @@ def predict(tmp_path, name, *args):
     return {p.relative_to(out): np.asarray(Image.open(p)) for p in sorted(out.rglob("*.png"))}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("options", [[], ["--mode", "slide", "--window", "48x96", "--flip"]])
 def test_predict_with_onnx_gives_the_checkpoints_pictures(options, unet_checkpoint, photos,
                                                           tmp_path):
@@ -217,6 +221,7 @@ def test_predict_with_onnx_gives_the_checkpoints_pictures(options, unet_checkpoi
         assert same >= 0.9999, name
 
 
+@pytest.mark.slow
 def test_predict_with_argmax_onnx_at_full_size(unet_checkpoint, photos, tmp_path):
     model = tmp_path / "classes.onnx"
     export(unet_checkpoint, model, "--argmax")
@@ -227,6 +232,7 @@ def test_predict_with_argmax_onnx_at_full_size(unet_checkpoint, photos, tmp_path
         assert (ours[name] == onnx[name]).all(-1).mean() >= 0.9999, name
 
 
+@pytest.mark.slow
 def test_bench_compares_the_runtimes():
     result = CliRunner().invoke(main, ["bench-inference", "--onnx", "--size", "64x32",
                                        "--width", "4", "--depth", "2", "--images", "1",

@@ -16,6 +16,7 @@ from train.config import Config, TrainingError
 from train.fit import fit
 
 
+@pytest.mark.slow
 def test_the_estimate_grows_with_the_batch_and_keeps_the_rng():
     # big enough that a batch's activations (~25 MB here) stand out of the process's RSS
     cfg = Config(width=16, depth=2, amp="off", optimizer="adamw")
@@ -28,6 +29,7 @@ def test_the_estimate_grows_with_the_batch_and_keeps_the_rng():
     assert not torch.equal(before, torch.get_rng_state())
 
 
+@pytest.mark.slow
 def test_a_step_that_does_not_fit_stops_before_training(make_dataset, tmp_path, monkeypatch):
     images, labels, names = blocks(8)
     data = make_dataset({"train": (images, labels, names)})
@@ -43,6 +45,7 @@ def test_a_step_that_does_not_fit_stops_before_training(make_dataset, tmp_path, 
     assert not (tmp_path / "run" / "checkpoints" / "last.pt").exists()
 
 
+@pytest.mark.slow
 def test_the_figures_go_into_config_json(make_dataset, tmp_path):
     import json
 
@@ -110,6 +113,7 @@ class MadeUpGpu(preflight.GpuMemory):
         self.events.append("release")
 
 
+@pytest.mark.slow
 def test_the_gpu_probe_measures_the_second_step_and_names_the_fix(monkeypatch):
     gpu = MadeUpGpu()
     real_step = preflight.train_step

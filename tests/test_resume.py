@@ -50,6 +50,7 @@ def _option(args: list, name: str, value) -> list:
 
 # -- the settings of a resumed run, from its checkpoint ---------------------------------------
 
+@pytest.mark.slow
 def test_resume_takes_every_setting_from_the_run(shards, tmp_path):
     run = tmp_path / "run"
     first = citytrain("fit", "--data", shards, "--out", run, *_option(FIT, "--epochs", "1"),
@@ -70,6 +71,7 @@ def test_resume_takes_every_setting_from_the_run(shards, tmp_path):
     assert [r["epoch"] for r in _rows(run)] == ["1", "2"]
 
 
+@pytest.mark.slow
 def test_resume_refuses_another_recipe_naming_both_values(shards, tmp_path):
     run = tmp_path / "run"
     assert citytrain("fit", "--data", shards, "--out", run,
@@ -89,6 +91,7 @@ def test_resume_refuses_another_recipe_naming_both_values(shards, tmp_path):
     assert _config(run)["config"]["eval_flip"] is True
 
 
+@pytest.mark.slow
 def test_resume_reads_the_shards_wherever_they_are_now_but_only_those(shards, tmp_path,
                                                                       make_dataset):
     run = tmp_path / "run"
@@ -125,6 +128,7 @@ def test_resumed_settings_keep_the_run_and_take_the_session():
     assert set(ARCH_FIELDS).isdisjoint(SESSION_FIELDS)
 
 
+@pytest.mark.slow
 def test_resume_auto_starts_continues_and_refuses_another_config(make_dataset, tmp_path):
     images, labels, names = blocks(8)
     data = make_dataset({"train": (images, labels, names)})
@@ -146,6 +150,7 @@ def test_resume_auto_starts_continues_and_refuses_another_config(make_dataset, t
         fit(replace(cfg, resume=False))
 
 
+@pytest.mark.slow
 def test_config_json_records_the_effective_values(make_dataset, tmp_path, monkeypatch):
     images, labels, names = blocks(4)
     data = make_dataset({"train": (images, labels, names)})
@@ -158,6 +163,7 @@ def test_config_json_records_the_effective_values(make_dataset, tmp_path, monkey
 
 # -- a run's settings as a file ---------------------------------------------------------------
 
+@pytest.mark.slow
 def test_fit_config_reruns_a_run_with_overrides(shards, tmp_path):
     run = tmp_path / "run"
     assert citytrain("fit", "--data", shards, "--out", run, *_option(FIT, "--epochs", "1"),
@@ -173,6 +179,7 @@ def test_fit_config_reruns_a_run_with_overrides(shards, tmp_path):
     assert "already holds a run" in fails("fit", "--config", run / "config.json")
 
 
+@pytest.mark.slow
 def test_a_small_config_file_and_its_mistakes(shards, tmp_path):
     path = tmp_path / "small.json"
     path.write_text(json.dumps({"width": 4, "depth": 1, "crop": "32x64", "epochs": 1,
@@ -196,6 +203,7 @@ def test_a_small_config_file_and_its_mistakes(shards, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.slow
 def test_init_takes_the_architecture_from_its_checkpoint(shards, tmp_path):
     base = tmp_path / "base"
     assert citytrain("fit", "--data", shards, "--out", base, *_option(FIT, "--epochs", "1"),
@@ -292,6 +300,7 @@ def test_a_kill_during_a_save_leaves_the_previous_checkpoint_whole(tmp_path):
     assert list(last.parent.glob(".last.pt.tmp*"))  # the torn one, which fit sweeps away
 
 
+@pytest.mark.slow
 def test_resume_auto_with_init_starts_from_it_once(make_dataset, tmp_path):
     # the SLURM recipe's INIT: the first allocation fine-tunes, the next ones resume, even
     # once the checkpoint it started from is gone

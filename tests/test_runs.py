@@ -66,6 +66,7 @@ def _best(run):
     return float(best["val_miou"]), int(best["epoch"])
 
 
+@pytest.mark.slow
 def test_evaluate_writes_where_checkpoint_and_settings_say_and_never_overwrites(runs, shards):
     run = runs / "done"
     final = (run / "eval-val" / "metrics.json").read_bytes()  # fit's own final evaluation

@@ -70,6 +70,7 @@ def test_preprocess_says_when_it_upsamples(city, tmp_path):
     assert r.exit_code == 0 and "upsampled" not in r.output
 
 
+@pytest.mark.slow
 def test_every_file_names_the_sides(run, shards):
     named = {"height": 64, "width": 128}
     assert json.loads((shards / "manifest.json").read_text())["config"]["size"] == named

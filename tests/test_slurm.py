@@ -134,6 +134,7 @@ def test_train_requeues_itself_after_the_trainers_saved(stubs, tmp_path, signum)
     assert f"train.sbatch: {signum.name} at" in log and "requeueing job 4242" in log
 
 
+@pytest.mark.slow
 def test_train_ends_as_the_training_ends_without_a_requeue(stubs, tmp_path):
     proc = start(stubs, tmp_path, status=3, seconds=1)  # failed past torchrun's restarts
     log, _ = proc.communicate(timeout=30)

@@ -70,6 +70,7 @@ def test_png_formats_match_cityscapes(city):
     assert len(stems(city, "train")) == 6 and len(stems(city, "val")) == 4
 
 
+@pytest.mark.slow
 def test_deterministic_and_seeded(tmp_path):
     def tree(root: Path) -> dict[str, bytes]:
         return {p.relative_to(root).as_posix(): p.read_bytes()

@@ -99,6 +99,7 @@ def test_lr_warmup_then_poly_decay_to_zero():
     assert lr_factor(10, 100, 0, time_fraction=0.5) == pytest.approx(0.5**0.9)
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(make_dataset, tmp_path,
                                                                   monkeypatch):
     images, labels, names = blocks(8)
