@@ -40,20 +40,11 @@ from PIL import Image
 from tqdm import tqdm
 
 from pipeline import sizes
-from pipeline.cityscapes import (
-    IMAGE_DIR,
-    MODES,
-    DatasetError,
-    Pair,
-    Source,
-    find_pairs,
-    image_size,
-    read_image,
-    read_label_ids,
-)
+from pipeline.cityscapes import IMAGE_DIR, MODES, DatasetError, Pair, Source, find_pairs
 from pipeline.files import TMP_MARK, atomic_write_bytes, sha256_file
 from pipeline.host import usable_cpus, worker_setup
 from pipeline.labels import Mapping, get_mapping
+from pipeline.pngs import image_size, read_image, read_label_ids
 from pipeline.progress import bar as progress_bar
 from pipeline.shards import (
     COMPRESSIONS,

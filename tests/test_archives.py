@@ -15,16 +15,9 @@ from click.testing import CliRunner
 from helpers import KW, assert_clean, make_tree, pack_official
 
 from pipeline import archives
-from pipeline.cityscapes import (
-    DatasetError,
-    Member,
-    find_pairs,
-    read_bytes,
-    read_image,
-    read_label_ids,
-    sibling,
-)
+from pipeline.cityscapes import DatasetError, Member, find_pairs, read_bytes, sibling
 from pipeline.cli import main
+from pipeline.pngs import read_image, read_label_ids
 from pipeline.preprocess import preprocess
 from pipeline.shards import load_manifest
 

@@ -11,18 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.cityscapes import (
-    PNG_SIGNATURE,
-    DatasetError,
-    Pair,
-    find_images,
-    find_pairs,
-    label_path_for,
-    read_image,
-    read_instance_ids,
-    read_label_ids,
-    sibling,
-)
+from pipeline.cityscapes import DatasetError, Pair, find_images, find_pairs, label_path_for, sibling
+from pipeline.pngs import PNG_SIGNATURE, read_image, read_instance_ids, read_label_ids
 
 
 def touch(path: Path) -> Path:

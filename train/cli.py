@@ -421,7 +421,7 @@ def runs(folder: Path, as_json: bool) -> None:
     """A table of the runs in DIR [runs]: encoder, epochs done, best val mIoU and its epoch,
     the last evaluation's four scores (-: not measured, as iIoU at shard resolution),
     training time, and state (running, stopped and why, done)."""
-    from train.rundir import find_runs, format_runs, run_summary
+    from train.runs import find_runs, format_runs, run_summary
 
     if not folder.is_dir():
         raise click.ClickException(f"{folder}: no such folder (runs are the --out folders of "

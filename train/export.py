@@ -32,19 +32,11 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
-from pipeline.cityscapes import (
-    DatasetError,
-    exists,
-    find_images,
-    find_pairs,
-    read_image,
-    read_instance_ids,
-    read_label_ids,
-    sibling,
-)
+from pipeline.cityscapes import DatasetError, exists, find_images, find_pairs, sibling
 from pipeline.files import tmp_path_for
 from pipeline.labels import Mapping, get_mapping
 from pipeline.photometric import normalize
+from pipeline.pngs import read_image, read_instance_ids, read_label_ids
 from pipeline.preprocess import resize_image
 from pipeline.sampling import Plan
 from train.inference import WHOLE, Inference, infer

@@ -34,9 +34,10 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.archives import Member
-from pipeline.cityscapes import IMAGE_RE, Source, read_image
+from pipeline.cityscapes import IMAGE_RE, Source
 from pipeline.files import tmp_path_for
 from pipeline.labels import colorize
+from pipeline.pngs import read_image
 from train.onnx_runtime import require
 from train.predict import IMAGE_SUFFIXES, InputError, load_rgb, predict_image
 from train.visualize import overlay
