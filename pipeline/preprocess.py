@@ -12,7 +12,7 @@ machine writes the same bytes for it. `--part I/N` takes every N-th shard of tha
 
 Each sample is decoded once with libspng (pyspng: ~40% less CPU than Pillow on these PNGs,
 pixel-identical to it, and corrupt data is an error, never a crash or wrong pixels; see
-cityscapes.py), remapped through the mapping's lookup table and resized: the image with an
+pipeline/pngs.py), remapped through the mapping's lookup table and resized: the image with an
 area (box) average, the label with nearest. For an integer factor (2048x1024 -> 1024x512)
 that is PIL's `Image.reduce` and strided slicing, the cheap path; any other size goes
 through PIL's antialiased bilinear `resize` and NEAREST, which pick the same label pixels.
