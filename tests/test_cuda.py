@@ -26,9 +26,9 @@ from pipeline.loader import build_loader, dali_available
 from train import engine, optim
 from train.checkpoint import load_checkpoint
 from train.config import Config
+from train.evaluation.metrics import ConfusionMatrix, InstanceStats
 from train.fit import fit
 from train.losses import build_loss
-from train.metrics import ConfusionMatrix, InstanceStats
 from train.models.plain import UNet
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),

@@ -21,8 +21,8 @@ from pipeline.preprocess import preprocess
 from pipeline.sizes import wh
 from pipeline.synth import synthesize
 from train.cli import main
-from train.evaluation import metrics_text
-from train.visualize import confusion_image, iou_image, ramp_color
+from train.evaluation.pictures import confusion_image, iou_image, ramp_color
+from train.evaluation.results import metrics_text
 
 FIT = ["--epochs", "2", "--batch-size", "2", "--crop", "32x64", "--width", "4", "--depth", "2",
        "--amp", "off", "--optimizer", "adamw", "--lr", "1e-2", "--workers", "0", "--device",
@@ -242,7 +242,7 @@ def test_confusion_and_iou_pictures_show_the_numbers():
 
 def test_a_submission_needs_the_official_classes(tmp_path):
     from train.checkpoint import CheckpointError
-    from train.evaluation import _benchmark_classes
+    from train.evaluation.evaluate import _benchmark_classes
 
     _benchmark_classes(TRAINID, tmp_path / "c.pt")
     with pytest.raises(CheckpointError, match="c.pt: predicts 4 classes of mapping 'seed4'; "

@@ -14,7 +14,7 @@ from pipeline.loader import BACKENDS
 from train.checkpoint import INIT_HEADS
 from train.cli import fit, main
 from train.config import AMP_MODES, Config, shown
-from train.inference import MODES
+from train.evaluation.inference import MODES
 from train.losses import LOSSTYPES
 from train.models.plain import UPSAMPLE_MODES
 from train.optim import OPTIMIZERS

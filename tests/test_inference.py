@@ -1,5 +1,6 @@
-"""train/inference.py: windows laid out as mmsegmentation does, exact whole-image equivalence,
-flip and scale averaging, the memory bound, and settings that do not go together."""
+"""train/evaluation/inference.py: windows laid out as mmsegmentation does, exact whole-image
+equivalence, flip and scale averaging, the memory bound, and settings that do not go
+together."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from train.inference import Inference, InferenceError, infer, window_starts, windows
+from train.evaluation.inference import Inference, InferenceError, infer, window_starts, windows
 from train.models.plain import UNet
 
 

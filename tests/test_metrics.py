@@ -3,6 +3,8 @@ processes. (Agreement with cityscapesScripts' evaluator itself: tests/test_expor
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -11,8 +13,9 @@ import torch.multiprocessing as mp
 from helpers import GUESS, INSTANCES, LABELS, TRAINID
 
 from pipeline.labels import get_mapping
-from train import metrics
-from train.metrics import AVERAGE_INSTANCE_SIZE, ConfusionMatrix, InstanceStats
+from train.evaluation import metrics, scores
+from train.evaluation.metrics import AVERAGE_INSTANCE_SIZE, ConfusionMatrix, InstanceStats
+from train.evaluation.results import metrics_text, scores_text
 
 CLASSES = ["a", "b", "c", "d"]
 CATEGORIES = ["x", "x", "y", "z"]
@@ -48,6 +51,33 @@ def test_matrix_and_scores_match_hand_computation():
     assert r["category_iou"] == pytest.approx({"x": 4 / (5 + 4 - 4), "y": 1 / 2, "z": None})
     assert list(r["category_iou"]) == ["x", "y", "z"]
     assert r["category_miou"] == pytest.approx((4 / 5 + 1 / 2) / 2)
+
+
+def frequency_weighted_iou(t: scores.Tally) -> float | None:
+    """docs/design.md's example of a new score, word for word."""
+    rows = t.mat.sum(1)  # ground-truth pixels per class
+    present = [(float(r), v) for r, v in zip(rows, t.iou.values()) if v is not None]
+    total = sum(r for r, _ in present)
+    return sum(r * v for r, v in present) / total if total else None
+
+
+def test_a_score_added_to_the_table_is_computed_listed_and_said(monkeypatch):
+    """The table is the extension point: one function, and compute, metrics.json's head and
+    the summary line take it up with no other change."""
+    monkeypatch.setattr(scores, "SCORES", list(scores.SCORES))  # restored after the test
+    scores.score("fwiou", "fwIoU")(frequency_weighted_iou)
+    with pytest.raises(ValueError, match="'fwiou' is already in the table"):
+        scores.score("fwiou")(frequency_weighted_iou)
+    cm = ConfusionMatrix(4)
+    cm.update(PRED, TARGET)
+    r = cm.compute(CLASSES, CATEGORIES)
+    assert list(r)[-2:] == ["confusion", "fwiou"]
+    assert r["fwiou"] == pytest.approx((3 * 2 / 3 + 2 * 1 / 3 + 1 * 1 / 2) / 6)  # rows 3, 2, 1
+    metrics = {"split": "val", "resolution": "shard", "images": 1, **r}
+    keys = list(json.loads(metrics_text(metrics)))
+    assert keys[:9] == ["split", "resolution", "images", "miou", "iiou", "category_miou",
+                        "category_iiou", "pixel_acc", "fwiou"]
+    assert scores_text(metrics).endswith(f"pixel acc 0.6667, fwIoU {r['fwiou']:.4f}")
 
 
 def test_predicted_but_absent_class_scores_zero_not_none():

@@ -176,10 +176,10 @@ def run_inference_bench(*, size: tuple[int, int] = (1024, 2048), encoder: str = 
                         scales: tuple[float, ...] = (0.75, 1.0, 1.25), images: int = 2,
                         warmup: int = 1, max_windows: int = 4, amp: str = "off",
                         device: str = "auto") -> dict:
-    """Images/s of train.inference.infer on one (H, W) image for whole, slide, and slide with
-    flip and `scales`, with model `encoder` (plain: of `width`/`depth`; random weights:
-    speed only)."""
-    from train.inference import Inference, infer
+    """Images/s of train.evaluation.inference.infer on one (H, W) image for whole, slide, and
+    slide with flip and `scales`, with model `encoder` (plain: of `width`/`depth`; random
+    weights: speed only)."""
+    from train.evaluation.inference import Inference, infer
 
     dev = local_device(device)
     torch.manual_seed(0)
@@ -272,9 +272,9 @@ def official_scores(datadir, predictions, split: str = "val") -> tuple[dict, flo
 
 
 def compare_official(datadir, predictions, split: str = "val", device: str = "cpu") -> dict:
-    """Our scoring (train.export.score_predictions) and the official evaluator on the same
-    labelId PNGs: both sets of four scores, both times."""
-    from train.export import score_predictions
+    """Our scoring (train.evaluation.full_resolution.score_predictions) and the official
+    evaluator on the same labelId PNGs: both sets of four scores, both times."""
+    from train.evaluation.full_resolution import score_predictions
 
     start = time.perf_counter()
     ours = score_predictions(datadir, predictions, split, device=local_device(device))

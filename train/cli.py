@@ -167,8 +167,8 @@ def fit(config_file: Path | None, **options) -> None:
     if not settings.get("out"):
         raise click.UsageError("--out RUN is needed: the run directory")
     if set(settings) & set(EVAL_FIELDS):  # a bad combination is a usage error, now
-        from train.evaluation import final_inference
-        from train.inference import InferenceError
+        from train.evaluation.evaluate import final_inference
+        from train.evaluation.inference import InferenceError
 
         try:
             final_inference(Config(**{k: v for k, v in settings.items() if k in EVAL_FIELDS}))
@@ -234,7 +234,7 @@ def evaluate(checkpoint: Path, data: Path | None, split: str, out: Path | None,
     """Score a checkpoint on a split: metrics.json (mIoU, iIoU, category mIoU and iIoU,
     per class and category), confusion.png, iou.png. Under torchrun every rank scores its
     share. With --submit: zip the split's predictions for the benchmark server instead."""
-    from train.evaluation import evaluate_checkpoint
+    from train.evaluation.evaluate import evaluate_checkpoint
     from train.rundir import resolve_checkpoint
 
     checkpoint = resolve_checkpoint(checkpoint)
@@ -297,7 +297,7 @@ def predict(checkpoint: Path | None, onnx_model: Path | None, inputs: tuple[Path
     sequence."""
     from train.checkpoint import training_crop
     from train.distributed import local_device
-    from train.export import as_mapping
+    from train.evaluation.full_resolution import as_mapping
     from train.losses import build_loss
     from train.predict import predict_paths
     from train.rundir import resolve_checkpoint

@@ -52,8 +52,8 @@ def _errors():
     from pipeline.labels import MappingError
     from pipeline.shards import ShardError
     from train.checkpoint import CheckpointError
-    from train.evaluation import EvaluationError
-    from train.inference import InferenceError
+    from train.evaluation.evaluate import EvaluationError
+    from train.evaluation.inference import InferenceError
     from train.models import ModelError, WeightsError
     from train.onnx_runtime import OnnxError
     from train.predict import InputError
@@ -128,7 +128,8 @@ def inference_options(prefix: str = "", max_windows: bool = True):
     """--mode --window --stride --scales --flip [--max-windows]; `prefix` "eval-" for fit."""
     p = f"--{prefix}"
     options = [
-        click.option(f"{p}mode", default=DEFAULTS.eval_mode, type=Owned("train.inference:MODES"),
+        click.option(f"{p}mode", default=DEFAULTS.eval_mode,
+                     type=Owned("train.evaluation.inference:MODES"),
                      help="whole: the image at once; slide: overlapping windows, outputs "
                           "averaged where they overlap."),
         click.option(f"{p}window", default=None, metavar="HxW",
@@ -156,8 +157,9 @@ def inference_options(prefix: str = "", max_windows: bool = True):
 
 def parse_inference(mode: str, window: str | None, stride: str | None, scales: str,
                     flip: bool, max_windows: int = 4, prefix: str = ""):
-    """The CLI's strings -> train.inference.Inference; a bad combination is a usage error."""
-    from train.inference import Inference, InferenceError
+    """The CLI's strings -> train.evaluation.inference.Inference; a bad combination is a usage
+    error."""
+    from train.evaluation.inference import Inference, InferenceError
 
     try:
         return Inference(mode, parse_size(window) if window else None,

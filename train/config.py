@@ -63,7 +63,7 @@ class Config:
     compile: bool = False
     sync_bn: bool = True  # SyncBatchNorm across processes (DDP)
     device: str = "auto"
-    # the evaluation after the last epoch (train/evaluation.py, train/inference.py)
+    # the evaluation after the last epoch (train/evaluation/evaluate.py, inference.py)
     eval_mode: str = "whole"  # whole | slide
     eval_window: tuple[int, int] | None = None  # H, W of the sliding windows
     eval_stride: tuple[int, int] | None = None  # H, W; None: 2/3 of the window

@@ -1,9 +1,10 @@
-"""The training machinery: one optimizer step, one epoch, one evaluation.
+"""The training machinery: one optimizer step, one epoch.
 
-Read top to bottom: one step, the signal handler, what a run carries, the logs, one epoch and
-evaluation. The optimizer and its schedule are `train/optim.py`'s, precision (autocast, TF32,
-cuDNN) `train/precision.py`'s; settings and errors live in `train/config.py`; `train/fit.py`
-wires these to the loader, model, checkpoints and run directory. One process or many
+Read top to bottom: one step, the signal handler, what a run carries, the logs, one epoch
+(evaluation is `train/evaluation/`'s). The optimizer and its schedule are `train/optim.py`'s,
+precision (autocast, TF32, cuDNN) `train/precision.py`'s; settings and errors live in
+`train/config.py`; `train/fit.py` wires these to the loader, model, checkpoints and run
+directory. One process or many
 (torchrun) run the same code.
 
 On a GPU the host must run ahead of the device: nothing in a step reads a value back. The
@@ -29,8 +30,6 @@ from tqdm import tqdm
 from pipeline import progress
 from train import distributed
 from train.config import Config, Interrupted, TrainingError
-from train.losses import PixelLoss
-from train.metrics import ConfusionMatrix
 from train.optim import lr_factor
 from train.precision import autocast
 
@@ -337,43 +336,3 @@ def train_one_epoch(model: nn.Module, loader, criterion: nn.Module,
                     save()
     finally:
         log.close()
-
-
-@torch.inference_mode()
-def evaluate(model: nn.Module, loader, criterion: PixelLoss, *, device: torch.device,
-             amp: str = "off", keep: int = 0, with_loss: bool = True,
-             forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
-             ) -> tuple[ConfusionMatrix, float | None, dict | None]:
-    """Confusion matrix over the whole split (summed over ranks), mean loss per image (None
-    without `with_loss`), and the first `keep` images, labels and predictions of this rank
-    (for the pictures). `criterion.predict` turns outputs into classes.
-
-    `forward(images) -> outputs` replaces the plain `model(images)` under autocast, e.g. with
-    sliding windows or test-time augmentation (train/inference.py)."""
-    model.eval()
-    cm = ConfusionMatrix(loader.num_classes, ignore_index=loader.ignore_index, device=device)
-    totals = torch.zeros(2, dtype=torch.float64, device=device)  # loss * images, images
-    images, kept = 0, None
-    for batch in loader:
-        image, label = batch["image"], batch["label"]
-        if forward is None:
-            with autocast(device, amp):
-                outputs = model(image)
-        else:
-            outputs = forward(image)
-        outputs = outputs.float()
-        pred = criterion.predict(outputs)
-        cm.update(pred, label)
-        if with_loss:
-            totals[0] += criterion(outputs, label).double() * len(label)
-        images += len(label)
-        if keep > 0:
-            new = {"image": image[:keep].cpu(), "label": label[:keep].cpu(),
-                   "pred": pred[:keep].cpu()}
-            kept = new if kept is None else {k: torch.cat([kept[k], v]) for k, v in new.items()}
-            keep -= len(new["label"])
-    totals[1] = images
-    cm.all_reduce()
-    distributed.all_reduce_sum(totals)
-    loss = float(totals[0] / totals[1]) if with_loss and totals[1] > 0 else None
-    return cm, loss, kept

@@ -24,7 +24,7 @@ from pipeline import sizes
 from pipeline.files import sweep_temporaries
 from pipeline.loader import build_loader
 from pipeline.shards import MANIFEST_NAME, load_manifest
-from train import distributed, evaluation, preflight
+from train import distributed, preflight
 from train.checkpoint import (
     check_arch,
     check_classes,
@@ -42,7 +42,8 @@ from train.engine import (
     RunState,
     TrainingError,
 )
-from train.inference import Inference, InferenceError
+from train.evaluation.evaluate import final_inference
+from train.evaluation.inference import Inference, InferenceError
 from train.losses import build_loss, class_weights_from_pixels, output_channels
 from train.models import ModelError, model_from_config
 from train.optim import build_optimizer, load_optimizer_state
@@ -177,7 +178,7 @@ def _checked(cfg: Config, dist: distributed.Dist) -> Inference:
             "has crashed torch.compile upstream); train with --no-sync-bn (BatchNorm per "
             "process, fine at 8 or more images per GPU) or without --compile")
     try:  # a bad setting fails now, not at the end
-        return evaluation.final_inference(cfg)
+        return final_inference(cfg)
     except ValueError as e:  # the combination may come from the run's config
         raise TrainingError(str(e).replace("--", "--eval-")) from None
 

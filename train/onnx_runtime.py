@@ -3,10 +3,11 @@
 The file is self-describing: its metadata (written by train/onnx_export.py, read back by
 `read_metadata`) holds the class names, palette, mapping, normalization, training size and
 input format, so `citytrain predict --model model.onnx` needs no checkpoint. `OnnxModel`
-makes a session look like the PyTorch model to train/inference.py: it takes the normalized
-float batch every inference mode builds, turns it back into the uint8 RGB the file expects
-(exact for whole images, windows and flips, whose pixels are the image's own; a rescaled
-image is rounded to uint8 as any deployment feeding uint8 would) and returns the outputs.
+makes a session look like the PyTorch model to train/evaluation/inference.py: it takes the
+normalized float batch every inference mode builds, turns it back into the uint8 RGB the file
+expects (exact for whole images, windows and flips, whose pixels are the image's own; a
+rescaled image is rounded to uint8 as any deployment feeding uint8 would) and returns the
+outputs.
 
 The extra packages live in the project's `deploy` extra; `require` names it when one is
 missing instead of an ImportError from deep inside a command.

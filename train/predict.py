@@ -1,7 +1,7 @@
 """`citytrain predict`: colorized masks and overlays for any images, of any size.
 
 Each image is resized to the training shards' size (the scale the model learned) as
-preprocessing resizes, run as the inference settings say (train/inference.py: whole or
+preprocessing resizes, run as the inference settings say (train/evaluation/inference.py: whole or
 sliding windows, scales, flip), and the outputs are upsampled bilinearly to the image's own
 size before the argmax, so a mask always lies exactly on its image, as in full-resolution
 evaluation. Outputs by `format`: "color" `<stem>_mask.png` (the palette's colours) and
@@ -84,10 +84,10 @@ def predict_image(
     """Class ids (H, W) uint8 for one uint8 (H, W, 3) image, at the image's own size.
 
     `size` (H, W) is what the model sees (None: the image as it is); `inference` a
-    train.inference.Inference (None: the whole image once).
+    train.evaluation.inference.Inference (None: the whole image once).
     """
     from pipeline.preprocess import resize_image
-    from train.inference import WHOLE, infer
+    from train.evaluation.inference import WHOLE, infer
 
     h, w = image.shape[:2]
     small = image if size is None else resize_image(image, tuple(size))
@@ -118,8 +118,9 @@ def predict_paths(
     `loss` is the model's (`build_loss(losstype, palette=...)`): its `predict` reads the
     outputs and its palette colours the masks. `size` is (H, W) of the training shards; None
     predicts at each image's own size.
-    `inference` (train.inference.Inference) sets windows, scales and flip. `format` (FORMATS)
-    chooses the PNGs; "labelid" needs the checkpoint's `mapping` (pipeline.labels.Mapping).
+    `inference` (train.evaluation.inference.Inference) sets windows, scales and flip. `format`
+    (FORMATS) chooses the PNGs; "labelid" needs the checkpoint's `mapping`
+    (pipeline.labels.Mapping).
     """
     if format not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, not {format!r}")

@@ -183,7 +183,7 @@ class RunDir:
             if value is not None:
                 self.writer.add_scalar(f"val_iou/{name}", value, step)
         if scores and "confusion" in scores:
-            from train.visualize import confusion_image, iou_image
+            from train.evaluation.pictures import confusion_image, iou_image
 
             classes = list(scores["iou"])
             self.writer.add_image("val/confusion", confusion_image(scores["confusion"], classes),

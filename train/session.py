@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from train import distributed, evaluation
+from train import distributed
 from train.checkpoint import CheckpointWriter, rng_state
 from train.engine import (
     Config,
@@ -28,10 +28,12 @@ from train.engine import (
     Interrupted,
     RunState,
     Stopper,
-    evaluate,
     train_one_epoch,
 )
-from train.inference import Inference
+from train.evaluation.evaluate import final_evaluation
+from train.evaluation.inference import Inference
+from train.evaluation.results import said
+from train.evaluation.shards import evaluate
 from train.rundir import RunDir
 
 
@@ -118,7 +120,7 @@ class Session:
             final_metrics = None
             if self.val_loader is not None and row:
                 with _stop_at_once(self.last_path, cfg.data):
-                    final_metrics = evaluation.final_evaluation(
+                    final_metrics = final_evaluation(
                         self.eval_model, self.val_loader, self.criterion, cfg=cfg, dist=dist,
                         inference=final_inference, scores=scores,
                         classes=self.parts.about["classes"],
@@ -126,7 +128,7 @@ class Session:
             outcome = ("done", why)
             if dist.is_main:
                 if final_metrics is not None:
-                    tqdm.write(evaluation.said(final_metrics, Path(cfg.out) / "eval-val"))
+                    tqdm.write(said(final_metrics, Path(cfg.out) / "eval-val"))
                 tqdm.write(_done_text(Path(cfg.out), why, state, cfg, self.rundir.best))
         except BaseException as e:
             if outcome[1] == "error":

@@ -1,89 +1,28 @@
-"""`citytrain evaluate` and the evaluation that ends `citytrain fit`; the results folder.
+"""`citytrain evaluate` (a checkpoint scored, its results never overwritten unless asked) and
+the evaluation that ends `citytrain fit`.
 
 Which images, chosen by the options:
 - shard resolution (`--data` alone): the split's shards through the loader, rank r reading
-  the r-th contiguous block (pipeline.sampling.Plan). No iIoU: shards hold no instance ids.
-- full resolution (`--datadir`): the original PNGs, train/export.py, rank r scoring the r-th
-  block of the sorted image list; `--export-official DIR` also writes labelId PNGs there.
-- submission (`--submit ZIP`, with `--datadir`): the split's images only, predicted and zipped.
+  the r-th contiguous block (pipeline.sampling.Plan). No iIoU: shards hold no instance ids
+  (`shards.py`).
+- full resolution (`--datadir`): the original PNGs (`full_resolution.py`), rank r scoring the
+  r-th block of the sorted image list; `--export-official DIR` also writes labelId PNGs there.
+- submission (`--submit ZIP`, with `--datadir`): the split's images only, predicted and zipped
+  (`submission.py`).
 
 Confusion matrices and instance statistics are summed over ranks; rank 0 alone writes
-OUT/metrics.json, OUT/confusion.png and OUT/iou.png.
+OUT/metrics.json, OUT/confusion.png and OUT/iou.png (`results.py`).
 """
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
-import torch
-
 from pipeline import sizes
-from pipeline.files import atomic_write_bytes
-from train.inference import Inference, infer
-from train.visualize import write_evaluation_pictures
-
-# metrics.json lists these first: what a reader looks for
-HEAD = ("split", "resolution", "images", "miou", "iiou", "category_miou", "category_iiou",
-        "pixel_acc")
-
-
-def metrics_text(metrics: dict) -> str:
-    """metrics.json's text: keys in HEAD's order first, one line per confusion-matrix row."""
-    body = {k: metrics[k] for k in HEAD if k in metrics}
-    body.update((k, v) for k, v in metrics.items() if k not in body and k != "confusion")
-    text = json.dumps(body, indent=1)
-    if metrics.get("confusion") is not None:
-        rows = ",\n  ".join(json.dumps(r) for r in metrics["confusion"])
-        text = f'{text[:-2]},\n "confusion": [\n  {rows}\n ]\n}}'
-    return text + "\n"
-
-
-def write_results(out: Path, metrics: dict, classes: list[str], palette=None) -> list[Path]:
-    """metrics.json, confusion.png and iou.png into `out`, each written atomically."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(out / "metrics.json", metrics_text(metrics).encode())
-    return [out / "metrics.json", *write_evaluation_pictures(out, metrics, classes, palette)]
-
-
-def inference_record(inference: Inference, amp: str, size: tuple[int, int]) -> dict:
-    """metrics.json's "inference": the settings, and the size the model sees at scale 1."""
-    return {**inference.to_json(), "amp": amp, "model_size": sizes.to_file(size)}
-
-
-def shard_forward(model, inference: Inference, amp: str):
-    """engine.evaluate's `forward` for these settings (None: the model's own forward)."""
-    if inference.plain:
-        return None
-    s = inference
-
-    def forward(images: torch.Tensor) -> torch.Tensor:
-        return infer(model, images, mode=s.mode, window=s.window, stride=s.stride,
-                     scales=s.scales, flip=s.flip, max_windows=s.max_windows, amp=amp)
-
-    return forward
-
-
-def evaluate_shards(model, loader, criterion, *, inference: Inference, amp: str, device,
-                    classes, categories, scores: dict | None = None) -> dict:
-    """The shard-resolution metrics of `loader`'s split (every rank its block, summed).
-
-    `scores` of an evaluation of the same model already done with the plain forward is
-    reused when `inference` is plain too.
-    """
-    from train.engine import evaluate
-
-    tick = time.perf_counter()
-    if scores is None or not inference.plain:
-        cm, _, _ = evaluate(model, loader, criterion, device=device, amp=amp, with_loss=False,
-                            forward=shard_forward(model, inference, amp))
-        scores = cm.compute(classes, categories)
-    seconds = time.perf_counter() - tick
-    return {"split": loader.split, "resolution": "shard", "images": loader.num_samples,
-            **scores, "inference": inference_record(inference, amp, loader.size),
-            "seconds": seconds}
+from train.evaluation.inference import Inference
+from train.evaluation.results import format_metrics, inference_record, write_results
+from train.evaluation.shards import evaluate_shards
 
 
 def final_inference(cfg) -> Inference:
@@ -104,59 +43,6 @@ def final_evaluation(model, loader, criterion, *, cfg, dist, inference: Inferenc
     if dist.is_main:
         write_results(Path(cfg.out) / "eval-val", metrics, classes, criterion.palette)
     return metrics
-
-
-def scores_text(metrics: dict) -> str:
-    """The four official scores and pixel accuracy on one line ('n/a' where not measured)."""
-    def fmt(v):
-        return "n/a" if v is None else f"{v:.4f}"
-
-    return (f"mIoU {fmt(metrics['miou'])}, iIoU {fmt(metrics.get('iiou'))}, category mIoU "
-            f"{fmt(metrics.get('category_miou'))}, category iIoU "
-            f"{fmt(metrics.get('category_iiou'))}, pixel acc {fmt(metrics['pixel_acc'])}")
-
-
-def said(metrics: dict, folder: Path) -> str:
-    """What `fit` says of its final evaluation: how it ran, its scores, where they are."""
-    s = metrics["inference"]
-    how = s["mode"]
-    if s["mode"] == "slide":
-        how += f" {sizes.text(sizes.from_file(s['window']))} (HxW)"
-    if s["scales"] != [1.0]:
-        how += f", scales {','.join(f'{v:g}' for v in s['scales'])}"
-    if s["flip"]:
-        how += ", flip"
-    text = (f"final evaluation ({metrics['split']}, {metrics['images']} images at "
-            f"{metrics['resolution']} resolution, {how}): {scores_text(metrics)}; wrote "
-            f"{Path(folder) / 'metrics.json'}, confusion.png, iou.png")
-    if metrics["resolution"] == "shard":
-        text += ("\n(iIoU needs the originals' instance ids: `citytrain evaluate --checkpoint "
-                 f"{metrics['checkpoint']} --datadir CITYSCAPES` gives all four scores)")
-    return text
-
-
-def format_metrics(metrics: dict) -> str:
-    """The terminal summary: per-class IoU and iIoU, per-category, then the four scores."""
-    def fmt(v):
-        return "   n/a" if v is None else f"{v:6.4f}"
-
-    inst, cat_inst = metrics.get("instance_iou", {}), metrics.get("category_instance_iou", {})
-    lines = [f"{'class':<24}    IoU   iIoU"]
-    lines += [f"{name:<24} {fmt(v)} {fmt(inst[name]) if name in inst else ''}".rstrip()
-              for name, v in metrics["iou"].items()]
-    lines += [f"{'category ' + name:<24} {fmt(v)} "
-              f"{fmt(cat_inst[name]) if name in cat_inst else ''}".rstrip()
-              for name, v in metrics["category_iou"].items()]
-    lines.append(f"{metrics['split']} ({metrics['resolution']} resolution, {metrics['images']} "
-                 f"images): {scores_text(metrics)}")
-    if metrics["resolution"] == "shard":
-        lines.append("(iIoU needs the instance ids of the originals: evaluate with --datadir)")
-    elif metrics.get("iiou") is None and not inst:
-        lines.append("(no *_gtFine_instanceIds.png beside the labels: no iIoU)")
-    if metrics["pixel_acc"] is None:
-        lines.append(f"(no labelled pixels in {metrics['split']}: if its labels are "
-                     "placeholders, as the test split's are, use --submit)")
-    return "\n".join(lines)
 
 
 class EvaluationError(RuntimeError):
@@ -229,7 +115,8 @@ def evaluate_checkpoint(checkpoint: Path, *, data: Path | None, split: str, out:
         model_from_checkpoint,
         training_crop,
     )
-    from train.export import as_mapping, evaluate_full_resolution, write_submission
+    from train.evaluation.full_resolution import as_mapping, evaluate_full_resolution
+    from train.evaluation.submission import write_submission
     from train.losses import build_loss
 
     state = load_checkpoint(checkpoint)

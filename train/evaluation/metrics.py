@@ -1,10 +1,8 @@
-"""Confusion matrix and instance statistics over a whole split, summed across ranks, and the
-four scores of the Cityscapes benchmark derived from them.
+"""Confusion matrix and instance statistics over a whole split, summed across ranks; the
+scores derived from them are the table of `train/evaluation/scores.py`.
 
-IoU_k = TP / (TP + FP + FN) from the matrix; pixels labelled `ignore_index` are left out
-entirely, so a prediction on them is neither right nor wrong (as in the official Cityscapes
-evaluator). A class absent from both ground truth and prediction has no IoU (None) and is
-left out of the mean, again as the official evaluator does (NaN there).
+Pixels labelled `ignore_index` are left out of the matrix entirely, so a prediction on them is
+neither right nor wrong (as in the official Cityscapes evaluator).
 
 iIoU_k = iTP / (iTP + FP + iFN), where each ground-truth instance's pixels count with weight
 (average instance size of its class) / (its size), so that small instances count as much as
@@ -22,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from pipeline.labels import IGNORE_INDEX, LABEL_BY_ID, Mapping
+from train.evaluation.scores import Tally, compute_scores, iou
 
 MAX_INSTANCE_ID = 1 << 16  # instanceIds PNGs are 16-bit
 
@@ -72,40 +71,35 @@ class ConfusionMatrix:
 
     def compute(self, classes: list[str], categories: list[str] | None = None,
                 instances: InstanceStats | None = None) -> dict:
-        """The scores, in the order metrics.json lists them:
+        """The table of scores (`train/evaluation/scores.py`), in its order:
 
         miou, iiou, category_miou, category_iiou: the benchmark's four means (None when there
         is nothing to average; the two iIoU ones also without `instances`);
         iou, instance_iou, category_iou, category_instance_iou: {name: float|None} behind them;
-        pixel_acc; confusion: the matrix as nested lists (rows ground truth).
+        pixel_acc; confusion: the matrix as nested lists (rows ground truth); then any score
+        added to the table.
 
         Category IoU treats the classes of one category as one class (merge rows and columns).
         """
         if len(classes) != self.num_classes:
             raise ValueError(f"{len(classes)} class names for a {self.num_classes}-class matrix")
-        mat = self.mat.detach().cpu().double()
-        iou = {name: _iou(mat, [k]) for k, name in enumerate(classes)}
-        category_iou: dict[str, float | None] = {}
+        counts = self.mat.detach().cpu()
+        mat = counts.double()
+        per_class = {name: iou(mat, [k]) for k, name in enumerate(classes)}
+        per_category: dict[str, float | None] = {}
         if categories is not None:
             if len(categories) != self.num_classes:
                 raise ValueError(f"{len(categories)} categories for {self.num_classes} classes")
             for cat in dict.fromkeys(categories):  # first-appearance order
-                category_iou[cat] = _iou(mat, [k for k, c in enumerate(categories) if c == cat])
+                per_category[cat] = iou(mat, [k for k, c in enumerate(categories) if c == cat])
         instance_iou, category_instance_iou = ({}, {}) if instances is None \
             else instances.compute(mat)
-        total = float(mat.sum())
-        return {
-            "miou": _mean(iou),
-            "iiou": _mean(instance_iou),
-            "category_miou": _mean(category_iou),
-            "category_iiou": _mean(category_instance_iou),
-            "iou": iou,
-            "instance_iou": instance_iou,
-            "category_iou": category_iou,
-            "category_instance_iou": category_instance_iou,
-            "pixel_acc": float(mat.trace()) / total if total else None,
-            "confusion": self.mat.detach().cpu().tolist(),
-        }
+        return compute_scores(Tally(mat, counts, per_class, per_category, instance_iou,
+                                    category_instance_iou))
+
+    def add(self, scored) -> None:
+        """The evaluation loop's call (`loop.accumulate`)."""
+        self.update(scored.pred, scored.target)
 
 
 def bincount_pairs(a, b, nb: int, na: int) -> torch.Tensor:
@@ -130,22 +124,6 @@ def _bincount_pairs_torch(a: torch.Tensor, b: torch.Tensor, nb: int, na: int) ->
     counts = torch.zeros(na * nb, dtype=torch.int64, device=a.device)
     return counts.index_add_(0, code, torch.ones((), dtype=torch.int64,
                                                  device=a.device).expand_as(code)).reshape(na, nb)
-
-
-def _mean(scores: dict[str, float | None]) -> float | None:
-    present = [v for v in scores.values() if v is not None]
-    return sum(present) / len(present) if present else None
-
-
-def _iou(mat: torch.Tensor, ids: list[int], tp: float | None = None,
-         fn: float | None = None) -> float | None:
-    """TP / (TP + FP + FN) of the classes `ids` taken as one; iIoU passes weighted TP and FN."""
-    inside = float(mat[ids][:, ids].sum())
-    fp = float(mat[:, ids].sum()) - inside
-    if tp is None:
-        tp, fn = inside, float(mat[ids, :].sum()) - inside
-    union = tp + fp + fn
-    return tp / union if union else None
 
 
 class InstanceStats:
@@ -238,6 +216,10 @@ class InstanceStats:
             add[:, 1].index_add_(0, n + cats[has_cat], (pixels[has_cat] - cat_hit) * w)
         self.sums += add
 
+    def add(self, scored) -> None:
+        """The evaluation loop's call (`loop.accumulate`): one image and its instance ids."""
+        self.update(scored.pred, scored.instances)
+
     def all_reduce(self) -> None:
         """Sum over ranks (no-op outside torch.distributed)."""
         if dist.is_available() and dist.is_initialized():
@@ -246,9 +228,9 @@ class InstanceStats:
     def compute(self, mat: torch.Tensor) -> tuple[dict, dict]:
         """({class: iIoU|None}, {category: iIoU|None}) with FP from the confusion matrix."""
         sums = self.sums.detach().cpu().tolist()
-        classes = {name: _iou(mat, [k], *sums[i])
+        classes = {name: iou(mat, [k], *sums[i])
                    for i, (name, k) in enumerate(zip(self.class_names, self.class_ids))}
         n = len(self.class_ids)
-        cats = {name: _iou(mat, ids, *sums[n + j])
+        cats = {name: iou(mat, ids, *sums[n + j])
                 for j, (name, ids) in enumerate(zip(self.category_names, self.category_ids))}
         return classes, cats

@@ -1,26 +1,22 @@
-"""Full-resolution evaluation against the original PNGs, the official export, submissions.
+"""Scoring at the originals' resolution: the model against the original PNGs, and PNGs
+predicted elsewhere against the same ground truth.
 
 The model sees each original `*_leftImg8bit.png` resized to the training shards' size with
 `pipeline.preprocess.resize_image` (the very pixels the shards hold), run as the inference
-settings say (train/inference.py); its outputs are upsampled bilinearly to the original size
-before the argmax (smoother than upsampling class ids) and scored against the original
-`*_gtFine_labelIds.png` remapped by the mapping, and `*_gtFine_instanceIds.png` for iIoU.
-With `export_dir`, each prediction is also written as `{city}_{seq}_{frame}_pred.png`
+settings say (`train/evaluation/inference.py`); its outputs are upsampled bilinearly to the
+original size before the argmax (smoother than upsampling class ids) and scored against the
+original `*_gtFine_labelIds.png` remapped by the mapping, and `*_gtFine_instanceIds.png` for
+iIoU. With `export_dir`, each prediction is also written as `{city}_{seq}_{frame}_pred.png`
 holding labelIds (`mapping.export_ids`), the format cityscapesScripts' evaluator reads.
-`write_submission` writes the same PNGs into a zip for the benchmark server, reading images
-only.
 
 Every rank takes a contiguous block of the sorted image list (pipeline.sampling.Plan's rule
-for evaluation), so the ranks together read each image exactly once; confusion matrix and
-instance statistics are then summed over ranks.
+for evaluation), so the ranks together read each image exactly once; the accumulators
+(`loop.py`) are then summed over ranks.
 """
 
 from __future__ import annotations
 
-import io
-import os
 import re
-import zipfile
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -29,19 +25,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from PIL import Image
 
 from pipeline.cityscapes import DatasetError, exists, find_images, find_pairs, sibling
-from pipeline.files import tmp_path_for
 from pipeline.labels import Mapping, get_mapping
 from pipeline.photometric import normalize
 from pipeline.pngs import read_image, read_instance_ids, read_label_ids
 from pipeline.preprocess import resize_image
 from pipeline.sampling import Plan
-from train.inference import WHOLE, Inference, infer
+from train.evaluation.inference import WHOLE, Inference, infer
+from train.evaluation.loop import Images, Scored, accumulate
+from train.evaluation.metrics import ConfusionMatrix, InstanceStats
 from train.losses import PixelLoss, build_loss
-from train.metrics import ConfusionMatrix, InstanceStats
 from train.visualize import write_png
 
 
@@ -116,7 +111,7 @@ def _prefetch(fn: Callable, items: Iterable, depth: int = 2) -> Iterator:
             yield done.result()
 
 
-class _Run:
+class Run:
     """Everything needed to turn an original image into class ids at its own size."""
 
     def __init__(self, model, *, mapping: Mapping, mean, std, size: tuple[int, int],
@@ -156,15 +151,15 @@ class _Run:
         pred = self.loss.predict(out)[0]
         return pred.to(torch.uint8) if self.mapping.num_classes < 256 else pred
 
+    def scored(self, items: list[Item]) -> Iterator[Scored]:
+        """Each item predicted at its own size, the next ones decoding meanwhile."""
+        for item, image, full, target, instances in _prefetch(self.load, items):
+            yield Scored(self.predict(image, full),
+                         None if target is None else torch.from_numpy(target),
+                         instances=instances, name=item.name)
+
     def label_png(self, pred: torch.Tensor) -> np.ndarray:
         return lookup(self.mapping.export_ids, pred.to(torch.uint8).cpu().numpy())
-
-
-def _sum_over_ranks(n: int, device) -> int:
-    t = torch.tensor([n], dtype=torch.int64, device=device)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t)
-    return int(t.item())
 
 
 @torch.inference_mode()
@@ -194,99 +189,33 @@ def evaluate_full_resolution(
     """
     mapping = as_mapping(mapping)
     items = list_items(datadir, split)
-    run = _Run(model, mapping=mapping, mean=mean, std=std, size=size, loss=loss,
-               device=device, amp=amp, inference=inference)
+    run = Run(model, mapping=mapping, mean=mean, std=std, size=size, loss=loss,
+              device=device, amp=amp, inference=inference)
     cm = ConfusionMatrix(mapping.num_classes, device=device)
     stats = InstanceStats(mapping, device=device) if items[0].instances is not None else None
-    mine = rank_share(items, rank, world_size)
+    images = Images(device)
+    export = None if export_dir is None else ExportPNGs(Path(export_dir), run)
     was_training = model.training
     model.eval()
     try:
-        for item, image, full, target, instances in _prefetch(run.load, mine):
-            pred = run.predict(image, full)
-            cm.update(pred, torch.from_numpy(target))
-            if stats is not None:
-                stats.update(pred, instances)
-            if export_dir is not None:
-                write_png(Path(export_dir) / f"{item.name}_pred.png", run.label_png(pred))
+        accumulate(run.scored(rank_share(items, rank, world_size)),
+                   [a for a in (cm, stats, images, export) if a is not None])
     finally:
         model.train(was_training)
-    cm.all_reduce()
-    if stats is not None:
-        stats.all_reduce()
-    images = _sum_over_ranks(len(mine), device)
-    return {**cm.compute(mapping.classes, mapping.categories, stats), "images": images}
+    return {**cm.compute(mapping.classes, mapping.categories, stats), "images": images.n}
 
 
-def _png_bytes(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(array)).save(buf, format="PNG")
-    return buf.getvalue()
+class ExportPNGs:
+    """Each prediction as `{name}_pred.png` of labelIds in `folder` (`--export-official`)."""
 
+    def __init__(self, folder: Path, run: Run) -> None:
+        self.folder, self.run = folder, run
 
-def _gather_to_first(local: list, device) -> list | None:
-    """Rank 0 gets every rank's list, in rank order; the others get None."""
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return local
-    parts = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-    dist.gather_object(local, parts, dst=0)
-    return None if parts is None else [x for part in parts for x in part]
+    def add(self, scored: Scored) -> None:
+        write_png(self.folder / f"{scored.name}_pred.png", self.run.label_png(scored.pred))
 
-
-@torch.inference_mode()
-def write_submission(
-    model: torch.nn.Module,
-    datadir: Path,
-    split: str,
-    zip_path: Path,
-    *,
-    mapping: Mapping | dict | str,
-    mean,
-    std,
-    size: tuple[int, int],
-    loss: PixelLoss | None = None,
-    device: str | torch.device = "cpu",
-    amp: str = "off",
-    inference: Inference = WHOLE,
-    rank: int = 0,
-    world_size: int = 1,
-) -> int:
-    """Predict every image of `split` and zip `{city}_{seq}_{frame}_pred.png` labelId PNGs at
-    the originals' size into `zip_path`, as the benchmark server pairs them with its ground
-    truth (cityscapesScripts' `{city}_{seq}_{frame}*.png` rule). Reads no label.
-
-    Each rank predicts its block; rank 0 receives the PNGs and writes the zip under a
-    temporary name, renamed when complete: an error anywhere leaves no zip. Returns the
-    number of images.
-    """
-    mapping = as_mapping(mapping)
-    items = list_items(datadir, split, labels=False)
-    run = _Run(model, mapping=mapping, mean=mean, std=std, size=size, loss=loss,
-               device=device, amp=amp, inference=inference)
-    pngs = []
-    was_training = model.training
-    model.eval()
-    try:
-        for item, image, full, _, _ in _prefetch(run.load, rank_share(items, rank, world_size)):
-            pngs.append((f"{item.name}_pred.png", _png_bytes(run.label_png(run.predict(image,
-                                                                                     full)))))
-    finally:
-        model.train(was_training)
-    everything = _gather_to_first(pngs, device)
-    if everything is not None:
-        zip_path = Path(zip_path)
-        zip_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = tmp_path_for(zip_path)
-        try:
-            # PNGs are compressed already: stored, not deflated
-            with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as z:
-                for name, data in sorted(everything):
-                    z.writestr(name, data)
-            os.replace(tmp, zip_path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-    return len(items)
+    def all_reduce(self) -> None:
+        pass  # each rank writes its own images
 
 
 @torch.inference_mode()
@@ -326,9 +255,11 @@ def score_predictions(datadir: Path, predictions: Path, split: str, *,
         inst = None if item.instances is None else read_instance_ids(item.instances)
         return pred, target, inst
 
-    for pred, target, inst in _prefetch(load, items):
-        pred = torch.from_numpy(pred).to(device)
-        cm.update(pred, torch.from_numpy(target))
-        if stats is not None:
-            stats.update(pred, inst)
+    def scored(pred, target, inst) -> Scored:
+        return Scored(torch.from_numpy(pred).to(device), torch.from_numpy(target),
+                      instances=inst)
+
+    # one process reads every prediction: nothing to sum over ranks
+    accumulate((scored(*x) for x in _prefetch(load, items)),
+               [a for a in (cm, stats) if a is not None], over_ranks=False)
     return {**cm.compute(mapping.classes, mapping.categories, stats), "images": len(items)}
