@@ -99,7 +99,7 @@ class Loader:
             return
         jitter = self.aug is not None and self.aug.jitter > 0
         for image, label, index, params in self._batches(start):
-            image = self._normalize(image, params[:, self.aug.fields('colour')] if jitter else None)
+            image = self._normalize(image, params[:, self.aug.fields("colour")] if jitter else None)
             if self.channels_last:
                 image = image.contiguous(memory_format=torch.channels_last)
             label = label.reshape(label.shape[:3]).to(self.device, non_blocking=True).long()

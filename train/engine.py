@@ -4,8 +4,7 @@ Read top to bottom: one step, the signal handler, what a run carries, the logs, 
 (evaluation is `train/evaluation/`'s). The optimizer and its schedule are `train/optim.py`'s,
 precision (autocast, TF32, cuDNN) `train/precision.py`'s; settings and errors live in
 `train/config.py`; `train/fit.py` wires these to the loader, model, checkpoints and run
-directory. One process or many
-(torchrun) run the same code.
+directory. One process or many (torchrun) run the same code.
 
 On a GPU the host must run ahead of the device: nothing in a step reads a value back. The
 losses stay on the device and are read, with the stop flag and the clock, in one all-reduce
