@@ -158,6 +158,17 @@ class Run:
                          None if target is None else torch.from_numpy(target),
                          instances=instances, name=item.name)
 
+    def accumulate(self, items: list[Item], accumulators: list, *, rank: int,
+                   world_size: int) -> None:
+        """This rank's block of `items` predicted and past `accumulators` (then summed over
+        the ranks), the model in eval mode meanwhile."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            accumulate(self.scored(rank_share(items, rank, world_size)), accumulators)
+        finally:
+            self.model.train(was_training)
+
     def label_png(self, pred: torch.Tensor) -> np.ndarray:
         return lookup(self.mapping.export_ids, pred.to(torch.uint8).cpu().numpy())
 
@@ -195,13 +206,8 @@ def evaluate_full_resolution(
     stats = InstanceStats(mapping, device=device) if items[0].instances is not None else None
     images = Images(device)
     export = None if export_dir is None else ExportPNGs(Path(export_dir), run)
-    was_training = model.training
-    model.eval()
-    try:
-        accumulate(run.scored(rank_share(items, rank, world_size)),
-                   [a for a in (cm, stats, images, export) if a is not None])
-    finally:
-        model.train(was_training)
+    run.accumulate(items, [a for a in (cm, stats, images, export) if a is not None],
+                   rank=rank, world_size=world_size)
     return {**cm.compute(mapping.classes, mapping.categories, stats), "images": images.n}
 
 

@@ -15,9 +15,9 @@ from PIL import Image
 
 from pipeline.files import tmp_path_for
 from pipeline.labels import Mapping
-from train.evaluation.full_resolution import Run, as_mapping, list_items, rank_share
+from train.evaluation.full_resolution import Run, as_mapping, list_items
 from train.evaluation.inference import WHOLE, Inference
-from train.evaluation.loop import Scored, accumulate
+from train.evaluation.loop import Scored
 from train.losses import PixelLoss
 
 
@@ -76,12 +76,7 @@ def write_submission(
     run = Run(model, mapping=mapping, mean=mean, std=std, size=size, loss=loss,
               device=device, amp=amp, inference=inference)
     pngs = SubmissionPNGs(run)
-    was_training = model.training
-    model.eval()
-    try:
-        accumulate(run.scored(rank_share(items, rank, world_size)), [pngs])
-    finally:
-        model.train(was_training)
+    run.accumulate(items, [pngs], rank=rank, world_size=world_size)
     if pngs.pngs is not None:
         zip_path = Path(zip_path)
         zip_path.parent.mkdir(parents=True, exist_ok=True)
