@@ -34,7 +34,7 @@ from train.evaluation.evaluate import final_evaluation
 from train.evaluation.inference import Inference
 from train.evaluation.results import said
 from train.evaluation.shards import evaluate
-from train.rundir import RunDir
+from train.rundir import RunDir, best_of, duration
 
 
 @dataclass
@@ -250,7 +250,7 @@ def _stopped_text(signum: int | None, state: RunState, cfg: Config, loader,
     at = (f"in {where(state, cfg, loader)}" if loader.position.batch % len(loader)
           else f"after epoch {state.epoch}/{cfg.epochs}")
     return (f"stopped by {_signal_name(signum)} {at}, step {state.step}, "
-            f"{_duration(state.elapsed)} in; saved {last_path}; continue with --resume")
+            f"{duration(state.elapsed)} in; saved {last_path}; continue with --resume")
 
 
 def _best_text(out: Path, best: tuple[float, int] | None) -> str:
@@ -261,8 +261,6 @@ def _best_text(out: Path, best: tuple[float, int] | None) -> str:
 
 
 def finished_text(out: Path, epoch: int, cfg: Config) -> str:
-    from train.rundir import best_of
-
     by_time = epoch < cfg.epochs  # finished, and not by its epochs: by its time limit
     spent = f"its --time-limit {cfg.time_limit:g} s is spent" if by_time else \
         f"{epoch}/{cfg.epochs} epochs done"
@@ -276,13 +274,7 @@ def _done_text(out: Path, why: str, state: RunState, cfg: Config,
     reason = f"--time-limit {cfg.time_limit:g} s reached" if why == "time limit" else \
         f"{cfg.epochs} epochs"
     return (f"done ({reason}): {state.epoch}/{cfg.epochs} epochs, step {state.step}, "
-            f"{_duration(state.elapsed)}; {_best_text(out, best)}")
-
-
-def _duration(seconds: float) -> str:
-    from train.rundir import duration
-
-    return duration(seconds)
+            f"{duration(state.elapsed)}; {_best_text(out, best)}")
 
 
 def _summary(row: dict, epochs: int) -> str:
